@@ -62,8 +62,9 @@ class SequenceText:
                 self._accept(self.pending[: len(self.pending) - len(seq)])
                 return self._finish("stop")
         keep = _pending_prefix(self.pending, self.stop_token_ids)
+        held = self.pending[len(self.pending) - keep:]
         self._accept(self.pending[: len(self.pending) - keep])
-        self.pending = self.pending[len(self.pending) - keep:]
+        self.pending = held
         if self.stop:
             self._cut_at_stop_string()
 
