@@ -1,13 +1,14 @@
 """Meta-style checkpoint directories: ``params.json`` plus ``consolidated.XX.pth`` model-parallel shards.
 
-Shards are merged and re-split on load, so a checkpoint saved with N shards runs on M model-parallel ranks
-for any N, M where the head counts divide.
+Shard XX holds exactly what model-parallel rank XX runs with. Shards are merged and/or split on load, so a
+checkpoint saved with N shards runs on M model-parallel ranks for any N, M where the head counts divide;
+when M exceeds the number of KV heads, each KV head is replicated so every rank holds whole heads.
 """
 
 import json
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -17,7 +18,9 @@ from llama_gen.model import ModelArgs
 COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
                    "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
+KV_WEIGHTS = ("attention.wk.weight", "attention.wv.weight")
 IGNORED_KEYS = ("rope.freqs",)  # Meta's Llama 2 shards carry a rotary table we recompute
+SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 
 
 def split_dim(name: str) -> Optional[int]:
@@ -45,16 +48,34 @@ def read_params(ckpt_dir: Path) -> dict:
 
 def find_shards(ckpt_dir: Path) -> list[Path]:
     """Returns the ``consolidated.XX.pth`` shards in rank order, checking none is missing."""
-    shards = sorted(Path(ckpt_dir).glob("consolidated.*.pth"))
+    shards = [p for p in Path(ckpt_dir).glob("consolidated.*.pth") if SHARD_NAME.fullmatch(p.name)]
     if not shards:
         raise FileNotFoundError(f"no consolidated.XX.pth checkpoint shards in {ckpt_dir}")
-    numbers = [int(m.group(1)) for s in shards if (m := re.fullmatch(r"consolidated\.(\d+)\.pth", s.name))]
+    shards.sort(key=lambda p: int(SHARD_NAME.fullmatch(p.name).group(1)))
+    numbers = [int(SHARD_NAME.fullmatch(p.name).group(1)) for p in shards]
     missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
     if missing:
         names = ", ".join(f"consolidated.{n:02d}.pth" for n in missing)
         raise FileNotFoundError(
             f"{ckpt_dir} has {len(shards)} shards but is missing {names}: copy the complete checkpoint"
         )
+    return shards
+
+
+def open_shards(ckpt_dir: Path) -> list[dict[str, torch.Tensor]]:
+    """Returns every shard's tensors (memory-mapped, ignored keys dropped), checking they name the same weights."""
+    paths = find_shards(ckpt_dir)
+    shards = []
+    for path in paths:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        shards.append({k: v for k, v in state.items() if k not in IGNORED_KEYS})
+    for path, state in zip(paths[1:], shards[1:]):
+        missing, extra = set(shards[0]) - set(state), set(state) - set(shards[0])
+        if missing or extra:
+            raise ValueError(
+                f"{path} does not hold the same weights as {paths[0].name} (missing {sorted(missing)[:3]}, "
+                f"extra {sorted(extra)[:3]}): the shards come from different checkpoints; copy a complete one"
+            )
     return shards
 
 
@@ -72,9 +93,16 @@ def kv_replication(n_kv_heads: int, mp_size: int) -> int:
 
 def validate_parallel(args: ModelArgs, mp_size: int) -> None:
     """Raises ValueError if the model cannot be split over mp_size ranks."""
-    for name, value in (("n_heads", args.n_heads), ("dim", args.dim), ("ffn hidden size", args.ffn_hidden_dim)):
+    if not isinstance(mp_size, int) or mp_size < 1:
+        raise ValueError(f"the number of model-parallel ranks/shards must be a positive integer, got {mp_size!r}")
+    sizes = [("n_heads", args.n_heads), ("dim", args.dim), ("ffn hidden size", args.ffn_hidden_dim)]
+    if args.vocab_size > 0:
+        sizes.append(("vocab_size", args.vocab_size))
+    for name, value in sizes:
         if value % mp_size:
-            raise ValueError(f"{name}={value} is not divisible by model_parallel_size={mp_size}")
+            raise ValueError(
+                f"{name}={value} is not divisible by {mp_size} model-parallel ranks: use a divisor of {value}"
+            )
     kv_replication(args.kv_heads, mp_size)
 
 
@@ -84,42 +112,72 @@ def repeat_kv_heads(weight: torch.Tensor, n_kv_heads: int, repeats: int) -> torc
     return weight.view(n_kv_heads, head_dim, -1).repeat_interleave(repeats, dim=0).reshape(-1, weight.shape[1])
 
 
-def merge_shards(name: str, parts: list[torch.Tensor], full_dim: int) -> torch.Tensor:
-    """Returns one weight assembled from its per-shard pieces."""
-    if len(parts) == 1:
-        return parts[0]
+def merge_kv(name: str, parts: list[torch.Tensor], args: ModelArgs) -> torch.Tensor:
+    """Returns a full wk/wv weight with one copy of each KV head, undoing the replication of shards saved
+    for more ranks than there are KV heads."""
+    weight = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    rows = args.kv_heads * args.head_dim
+    if weight.shape[0] <= rows or weight.shape[0] % rows:
+        return weight  # unreplicated (or a shape check_shapes will report)
+    copies = weight.shape[0] // rows
+    heads = weight.view(args.kv_heads, copies, args.head_dim, -1)
+    if not torch.equal(heads, heads[:, :1].expand_as(heads)):
+        raise ValueError(
+            f"{name}: the shards hold {copies} copies of {args.kv_heads} KV heads but the copies differ: "
+            f"n_kv_heads in params.json does not match the shards"
+        )
+    return heads[:, 0].reshape(rows, -1)
+
+
+def take_slice(name: str, parts: list[torch.Tensor], dim: int, index: int, count: int) -> torch.Tensor:
+    """Returns slice ``index`` of ``count`` equal slices along dim of the concatenation of parts, touching only
+    the parts it overlaps (a view when it lies within one part)."""
+    total = sum(p.shape[dim] for p in parts)
+    if total % count:
+        raise ValueError(
+            f"{name} has size {total} along dim {dim}, which cannot be split into {count} equal parts: "
+            f"use a number of model-parallel ranks that divides it"
+        )
+    size = total // count
+    start, stop, offset, pieces = index * size, (index + 1) * size, 0, []
+    for part in parts:
+        lo, hi = max(start, offset), min(stop, offset + part.shape[dim])
+        if lo < hi:
+            pieces.append(part.narrow(dim, lo - offset, hi - lo))
+        offset += part.shape[dim]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+def local_weight(name: str, parts: list[torch.Tensor], args: ModelArgs, mp_size: int, mp_rank: int) -> torch.Tensor:
+    """Returns model-parallel rank mp_rank's piece of a weight given as N checkpoint shards (N, mp_size any).
+
+    Only the shards it overlaps are read; the result may be a view of them.
+    """
     dim = split_dim(name)
     if dim is None:
         return parts[0]
-    if name == "tok_embeddings.weight" and parts[0].shape[1] == full_dim:
-        dim = 0  # Llama 3 style VocabParallelEmbedding shards split the vocabulary instead
-    return torch.cat(parts, dim=dim)
+    if name.endswith(KV_WEIGHTS):
+        repeats = kv_replication(args.kv_heads, mp_size)
+        if repeats == 1 and sum(p.shape[0] for p in parts) == args.kv_heads * args.head_dim:
+            return take_slice(name, parts, 0, mp_rank, mp_size).contiguous()  # no replication anywhere
+        weight = merge_kv(name, parts, args)
+        if repeats > 1:
+            weight = repeat_kv_heads(weight, args.kv_heads, repeats)
+        return take_slice(name, [weight], 0, mp_rank, mp_size).clone()
+    if len(parts) > 1 and name == "tok_embeddings.weight" and parts[0].shape[1] == args.dim:
+        parts = [torch.cat(parts, dim=0)]  # Llama 3 style shards split the vocabulary; we split the dim
+    return take_slice(name, parts, dim, mp_rank, mp_size).contiguous()
 
 
 def load_state_dict(ckpt_dir: Path, args: ModelArgs, mp_size: int = 1, mp_rank: int = 0) -> dict[str, torch.Tensor]:
-    """Returns this rank's weights, merging/splitting the checkpoint's shards as needed (memory-mapped reads)."""
-    shard_paths = find_shards(ckpt_dir)
-    shards = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in shard_paths]
-    repeats = kv_replication(args.kv_heads, mp_size)
-    state = {}
-    for name in shards[0]:
-        if name in IGNORED_KEYS:
-            continue
-        missing_in = [p.name for p, s in zip(shard_paths, shards) if name not in s]
-        if missing_in:
-            raise ValueError(f"{name} is in {shard_paths[0].name} but missing from {', '.join(missing_in)}")
-        same_layout = len(shards) == mp_size and repeats == 1
-        if same_layout and (mp_size == 1 or name != "tok_embeddings.weight"):
-            state[name] = shards[mp_rank][name]  # shard layout already matches: no copy
-            continue
-        weight = merge_shards(name, [s[name] for s in shards], args.dim)
-        if repeats > 1 and name.endswith(("attention.wk.weight", "attention.wv.weight")):
-            weight = repeat_kv_heads(weight, args.kv_heads, repeats)
-        dim = split_dim(name)
-        if dim is not None and mp_size > 1:
-            weight = weight.chunk(mp_size, dim=dim)[mp_rank]
-        state[name] = weight.contiguous()
-    return state
+    """Returns this rank's weights, merging/splitting the checkpoint's shards as needed (memory-mapped reads).
+
+    ``args.n_kv_heads`` must be the checkpoint's own (before any replication for mp_size).
+    """
+    if not 0 <= mp_rank < mp_size:
+        raise ValueError(f"mp_rank={mp_rank} is outside the {mp_size} model-parallel ranks")
+    shards = open_shards(ckpt_dir)
+    return {name: local_weight(name, [s[name] for s in shards], args, mp_size, mp_rank) for name in shards[0]}
 
 
 def check_shapes(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], ckpt_dir: Path, args: ModelArgs) -> None:
@@ -140,16 +198,30 @@ def check_shapes(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]
         raise ValueError(f"checkpoint does not match its params ({where}; {summary}):\n  {shown}")
 
 
+def shard_state(parts: list[dict[str, torch.Tensor]], args: ModelArgs, n_shards: int, rank: int,
+                on_tensor: Optional[Callable[[], None]] = None) -> dict[str, torch.Tensor]:
+    """Returns shard ``rank`` of ``n_shards`` as compact tensors ready for torch.save, from N source shards.
+
+    on_tensor (e.g. a progress bar's update) is called after each tensor.
+    """
+    state = {}
+    for name in parts[0]:
+        state[name] = local_weight(name, [p[name] for p in parts], args, n_shards, rank).clone()
+        if on_tensor is not None:
+            on_tensor()
+    return state
+
+
 def save_shards(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: Path, n_shards: int, params: dict) -> None:
-    """Writes ``params.json`` and ``n_shards`` ``consolidated.XX.pth`` files split as the reference shards them."""
+    """Writes ``params.json`` and ``n_shards`` ``consolidated.XX.pth`` files split as the reference shards them.
+
+    Returns None. With more shards than KV heads, each shard holds whole (replicated) KV heads.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     validate_parallel(args, n_shards)
+    state = {k: v for k, v in state.items() if k not in IGNORED_KEYS}
     for rank in range(n_shards):
-        shard = {}
-        for name, weight in state.items():
-            dim = split_dim(name)
-            shard[name] = weight.chunk(n_shards, dim=dim)[rank].clone() if dim is not None and n_shards > 1 else weight
-        torch.save(shard, out_dir / f"consolidated.{rank:02d}.pth")
+        torch.save(shard_state([state], args, n_shards, rank), out_dir / f"consolidated.{rank:02d}.pth")
     with open(out_dir / "params.json", "w") as f:
         json.dump(params, f, indent=2)

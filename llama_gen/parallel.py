@@ -2,34 +2,53 @@
 
 With a single model-parallel rank (the common case, and any run without ``torchrun``) the model is built
 from plain ``nn.Linear``/``nn.Embedding`` and needs no process group. With several ranks it uses
-fairscale's column/row-parallel layers, exactly as Meta's reference does.
+fairscale's column/row-parallel layers, exactly as Meta's reference does. Processes beyond the
+model-parallel size form data-parallel groups (fairscale's ``initialize_model_parallel``).
 """
 
+import contextlib
+import io
 import os
 from datetime import timedelta
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 
+def _fs_initialized() -> bool:
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    return dist.is_available() and dist.is_initialized() and fs_init.model_parallel_is_initialized()
+
+
 def model_parallel_world_size() -> int:
     """Returns the number of model-parallel ranks (1 when fairscale's model parallel is not initialized)."""
     from fairscale.nn.model_parallel import initialize as fs_init
 
-    if not (dist.is_available() and dist.is_initialized()) or not fs_init.model_parallel_is_initialized():
-        return 1
-    return fs_init.get_model_parallel_world_size()
+    return fs_init.get_model_parallel_world_size() if _fs_initialized() else 1
 
 
 def model_parallel_rank() -> int:
     """Returns this process's rank within its model-parallel group (0 without model parallel)."""
     from fairscale.nn.model_parallel import initialize as fs_init
 
-    if model_parallel_world_size() == 1:
-        return 0
-    return fs_init.get_model_parallel_rank()
+    return fs_init.get_model_parallel_rank() if _fs_initialized() else 0
+
+
+def data_parallel_world_size() -> int:
+    """Returns the number of model replicas (WORLD_SIZE / model-parallel size; 1 without distributed)."""
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    return fs_init.get_data_parallel_world_size() if _fs_initialized() else 1
+
+
+def data_parallel_rank() -> int:
+    """Returns which model replica this process belongs to (0 without distributed)."""
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    return fs_init.get_data_parallel_rank() if _fs_initialized() else 0
 
 
 def backend_for(device: torch.device) -> str:
@@ -38,17 +57,20 @@ def backend_for(device: torch.device) -> str:
 
 
 def init_distributed(model_parallel_size: Optional[int], device: torch.device) -> int:
-    """Starts the process group (when running under torchrun) and fairscale model parallel.
+    """Starts the process group (when running under torchrun) and fairscale model/data parallel groups.
 
-    Returns the model-parallel size in use. A single process without ``torchrun`` needs no process group.
+    Returns the model-parallel size in use (default: all processes). A single process without
+    ``torchrun`` needs no process group; with WORLD_SIZE=W and model_parallel_size=M < W there are
+    W / M data-parallel replicas, each split over M ranks.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if model_parallel_size is None:
         model_parallel_size = world_size
-    if model_parallel_size < 1 or world_size % model_parallel_size:
+    if not isinstance(model_parallel_size, int) or model_parallel_size < 1 or world_size % model_parallel_size:
         raise ValueError(
-            f"model_parallel_size={model_parallel_size} must divide the number of processes ({world_size}); "
-            f"launch with `torchrun --nproc_per_node {model_parallel_size}` or pass a divisor of {world_size}"
+            f"model_parallel_size={model_parallel_size!r} must be a positive divisor of the number of processes "
+            f"({world_size}); launch with `torchrun --nproc_per_node {model_parallel_size}` or pass a divisor "
+            f"of {world_size}"
         )
     if world_size == 1:
         return 1
@@ -59,7 +81,13 @@ def init_distributed(model_parallel_size: Optional[int], device: torch.device) -
     from fairscale.nn.model_parallel import initialize as fs_init
 
     if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(model_parallel_size)
+        with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes on rank 0
+            fs_init.initialize_model_parallel(model_parallel_size)
+    elif fs_init.get_model_parallel_world_size() != model_parallel_size:
+        raise ValueError(
+            f"model parallel is already initialized with {fs_init.get_model_parallel_world_size()} ranks, "
+            f"not {model_parallel_size}: use the same model_parallel_size for every model in one process"
+        )
     return model_parallel_size
 
 
@@ -68,13 +96,38 @@ def _keep(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def _skip_master_weight(*args, **kwargs) -> None:
+    """Replaces fairscale's ``_initialize_affine_weight``, which builds and splits a full (out, in) tensor."""
+    return None
+
+
+@contextlib.contextmanager
+def _no_master_weights() -> Iterator[None]:
+    from fairscale.nn.model_parallel import layers
+
+    original = layers._initialize_affine_weight
+    layers._initialize_affine_weight = _skip_master_weight
+    try:
+        yield
+    finally:
+        layers._initialize_affine_weight = original
+
+
+def _fairscale(cls: type, *args, **kwargs) -> nn.Module:
+    """Returns a fairscale layer with uninitialized local weights on the default device (meta inside
+    ``with torch.device("meta")``), never allocating the full master weight."""
+    with _no_master_weights():
+        module = cls(*args, init_method=_keep, **kwargs)
+    return module.to_empty(device=torch.get_default_device())
+
+
 def column_linear(in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
     """Returns a bias-free linear layer whose output features are split across model-parallel ranks."""
     if model_parallel_world_size() == 1:
         return nn.Linear(in_features, out_features, bias=False)
     from fairscale.nn.model_parallel.layers import ColumnParallelLinear
 
-    return ColumnParallelLinear(in_features, out_features, bias=False, gather_output=gather_output, init_method=_keep)
+    return _fairscale(ColumnParallelLinear, in_features, out_features, bias=False, gather_output=gather_output)
 
 
 def row_linear(in_features: int, out_features: int) -> nn.Module:
@@ -83,7 +136,7 @@ def row_linear(in_features: int, out_features: int) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=False)
     from fairscale.nn.model_parallel.layers import RowParallelLinear
 
-    return RowParallelLinear(in_features, out_features, bias=False, input_is_parallel=True, init_method=_keep)
+    return _fairscale(RowParallelLinear, in_features, out_features, bias=False, input_is_parallel=True)
 
 
 def embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:
@@ -92,4 +145,4 @@ def embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:
         return nn.Embedding(num_embeddings, embedding_dim)
     from fairscale.nn.model_parallel.layers import ParallelEmbedding
 
-    return ParallelEmbedding(num_embeddings, embedding_dim, init_method=_keep)
+    return _fairscale(ParallelEmbedding, num_embeddings, embedding_dim)
