@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_gen import parallel
-from llama_gen.chat_format import Dialog, Message, default_chat_format, get_chat_format
+from llama_gen.chat_format import ChatFormat, ChatMLFormat, Dialog, Message, default_chat_format, get_chat_format
 from llama_gen.checkpoint import (check_shapes, kv_replication, load_state_dict, read_params,
                                   validate_parallel)
 from llama_gen.model import ModelArgs, Transformer
@@ -33,6 +33,8 @@ class CompletionPrediction(TypedDict, total=False):
     tokens: list[str]  # not required
     logprobs: list[float]  # not required
     finish_reason: str  # "eos", "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class ChatPrediction(TypedDict, total=False):
@@ -40,6 +42,8 @@ class ChatPrediction(TypedDict, total=False):
     tokens: list[str]  # not required
     logprobs: list[float]  # not required
     finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
 
 
 @dataclass
@@ -49,6 +53,7 @@ class StreamChunk:
     index: int  # position of the prompt/dialog in the caller's list
     text: str
     finish_reason: Optional[str] = None
+    n_tokens: int = 0  # tokens generated for this sequence so far (what the output keeps)
 
 
 @dataclass
@@ -57,6 +62,8 @@ class _Result:
     logprobs: Optional[list[float]]
     text: str
     finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
 
 
 def default_device() -> torch.device:
@@ -113,12 +120,16 @@ class Llama:
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
         chat_format: Optional[str] = None,
+        compile: bool = False,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Returns a ready generator loaded from a Meta-style checkpoint directory.
 
         With no ckpt_dir, the default model (SmolLM2-135M-Instruct) is used, converted on first use. The
         tokenizer is found in ckpt_dir unless tokenizer_path is given. Under ``torchrun`` the model is split
-        over ``model_parallel_size`` processes (default: all of them).
+        over ``model_parallel_size`` processes (default: all of them). ``quantize="int8"`` stores weights as
+        int8 with per-channel scales; ``compile=True`` decodes with a ``torch.compile``d static-shape step
+        (see llama_gen/fast.py). Either one also fuses the q/k/v and w1/w3 projections (without model parallel).
         """
         if max_seq_len < 2 or max_batch_size < 1:
             raise ValueError(f"need max_seq_len >= 2 and max_batch_size >= 1, got {max_seq_len} and {max_batch_size}")
@@ -153,9 +164,17 @@ class Llama:
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
         model = model.to(device).eval()
         model.setup_caches(max_batch_size, max_seq_len)
+        if compile or quantize:
+            from llama_gen.fast import prepare
+
+            fast_forward = prepare(model, compile=compile, quantize=quantize)
+        else:
+            fast_forward = None
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"Loaded {ckpt_dir} in {time.time() - start:.2f} s ({dtype}, {device}, mp={mp_size})", file=sys.stderr)
-        return Llama(model, tokenizer, read_generation_config(ckpt_dir), chat_format)
+        llama = Llama(model, tokenizer, read_generation_config(ckpt_dir), chat_format)
+        llama.fast_forward = fast_forward
+        return llama
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, generation_config: Optional[dict] = None,
                  chat_format: Optional[str] = None):
@@ -166,6 +185,7 @@ class Llama:
         config_eos = self.generation_config.get("eos_token_id") or []
         config_eos = [config_eos] if isinstance(config_eos, int) else list(config_eos)
         self.eos_ids = list(dict.fromkeys([*tokenizer.eos_ids, *config_eos]))
+        self.fast_forward = None  # llama_gen.fast.FastForward when built with compile=True
 
     @property
     def device(self) -> torch.device:
@@ -272,7 +292,7 @@ class Llama:
                     seq.close("length")
                 delta = seq.delta() if track_text else ""
                 if delta or seq.finished:
-                    chunks.append(StreamChunk(first_index + i, delta, seq.finish_reason))
+                    chunks.append(StreamChunk(first_index + i, delta, seq.finish_reason, len(seq.tokens)))
             if chunks:
                 yield chunks
 
@@ -283,7 +303,8 @@ class Llama:
             end = prompt_lens[i] + len(seq.tokens)
             out_tokens = (list(prompt_tokens[i]) if echo else []) + seq.tokens
             out_logprobs = token_logprobs[i, start:end].tolist() if logprobs else None
-            results.append(_Result(out_tokens, out_logprobs, seq.text, seq.finish_reason))
+            results.append(_Result(out_tokens, out_logprobs, seq.text, seq.finish_reason, prompt_lens[i],
+                                   len(seq.tokens)))
         return results
 
     def _decode(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: Optional[int], params: SamplingParams,
@@ -314,7 +335,8 @@ class Llama:
     def _step(self, tokens: torch.Tensor, token_logprobs: Optional[torch.Tensor], input_text_mask: torch.Tensor,
               prev_pos: int, cur_pos: int, params: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:
         """Runs the model on tokens[prev_pos:cur_pos], fills column cur_pos (prompt tokens win) and returns it."""
-        logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+        forward = self.fast_forward or self.model.forward
+        logits = forward(tokens[:, prev_pos:cur_pos], prev_pos)
         next_token = sample_next_token(logits[:, -1], params, token_ids=tokens[:, :cur_pos], pad_id=PAD,
                                        generator=generator)
         next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
@@ -357,16 +379,33 @@ class Llama:
                                          stop_token_ids=stop_token_ids, seed=seed, track_text=False))
         return [r.tokens for r in results], ([r.logprobs for r in results] if logprobs else None)
 
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Returns the token ids text_completion feeds the model for prompt."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt must be a string, got {type(prompt).__name__}")
+        return self.tokenizer.encode(prompt, bos=True, eos=False)
+
+    def encode_dialog(self, dialog: Dialog, chat_format: Optional[str] = None) -> list[int]:
+        """Returns the token ids chat_completion feeds the model for dialog (validated first)."""
+        fmt = self.get_chat_format(chat_format)
+        fmt.validate(dialog)
+        return fmt.encode_dialog(self.tokenizer, dialog)
+
     def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         self._check_texts(prompts)
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise ValueError(f"prompt {i} is a {type(p).__name__}, expected a string")
-        return [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        return [self.encode_prompt(p) for p in prompts]
+
+    def get_chat_format(self, name: Optional[str] = None) -> ChatFormat:
+        """Returns the chat format to use: name, else the checkpoint's, with the checkpoint's default system prompt."""
+        fmt = get_chat_format(name or self.chat_format)
+        default_system = self.generation_config.get("default_system_prompt")
+        if isinstance(fmt, ChatMLFormat) and default_system:
+            fmt = ChatMLFormat(default_system)  # as the model's own chat template does (e.g. SmolLM2)
+        return fmt
 
     def _encode_dialogs(self, dialogs: Sequence[Dialog], chat_format: Optional[str]):
         self._check_texts(dialogs, "dialogs")
-        fmt = get_chat_format(chat_format or self.chat_format)
+        fmt = self.get_chat_format(chat_format)
         for dialog in dialogs:
             fmt.validate(dialog)
         return [fmt.encode_dialog(self.tokenizer, d) for d in dialogs], fmt.stop_ids(self.tokenizer)
@@ -398,7 +437,8 @@ class Llama:
         predictions = []
         for prompt, r in zip(prompts, results):
             pred: CompletionPrediction = {"generation": (prompt if echo else "") + r.text,
-                                          "finish_reason": r.finish_reason}
+                                          "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+                                          "completion_tokens": r.completion_tokens}
             if logprobs:
                 pred.update(tokens=self._token_pieces(r.tokens), logprobs=r.logprobs)
             predictions.append(pred)
@@ -428,7 +468,8 @@ class Llama:
         predictions = []
         for r in results:
             pred: ChatPrediction = {"generation": {"role": "assistant", "content": r.text},
-                                    "finish_reason": r.finish_reason}
+                                    "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+                                    "completion_tokens": r.completion_tokens}
             if logprobs:
                 pred.update(tokens=self._token_pieces(r.tokens), logprobs=r.logprobs)
             predictions.append(pred)
@@ -480,8 +521,7 @@ class Llama:
 
 
 def build_model(args: ModelArgs, mp_size: int) -> Transformer:
-    """Returns the model without allocating weights (meta device) when that is possible."""
-    if mp_size == 1:
-        with torch.device("meta"):
-            return Transformer(args)
-    return Transformer(args)  # fairscale allocates its own parameters
+    """Returns the model on the meta device (no weights allocated, fairscale layers included under model
+    parallel); load real weights with ``load_state_dict(..., assign=True)``."""
+    with torch.device("meta"):
+        return Transformer(args)
