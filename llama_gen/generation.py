@@ -139,7 +139,7 @@ class Llama:
             from llama_gen.convert import ensure_default_model
 
             ckpt_dir = ensure_default_model()
-        ckpt_dir = Path(ckpt_dir)
+        ckpt_dir = Path(ckpt_dir).expanduser()
         if chat_format is not None:
             get_chat_format(chat_format)  # fail on a bad name before loading anything
         start = time.time()
@@ -185,7 +185,7 @@ class Llama:
         config_eos = self.generation_config.get("eos_token_id") or []
         config_eos = [config_eos] if isinstance(config_eos, int) else list(config_eos)
         self.eos_ids = list(dict.fromkeys([*tokenizer.eos_ids, *config_eos]))
-        self.fast_forward = None  # llama_gen.fast.FastForward when built with compile=True
+        self.fast_forward = None  # llama_gen.fast.FastForward when built with compile or quantize
 
     @property
     def device(self) -> torch.device:
@@ -335,8 +335,10 @@ class Llama:
     def _step(self, tokens: torch.Tensor, token_logprobs: Optional[torch.Tensor], input_text_mask: torch.Tensor,
               prev_pos: int, cur_pos: int, params: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:
         """Runs the model on tokens[prev_pos:cur_pos], fills column cur_pos (prompt tokens win) and returns it."""
-        forward = self.fast_forward or self.model.forward
-        logits = forward(tokens[:, prev_pos:cur_pos], prev_pos)
+        if self.fast_forward is not None:  # computes only the logits it must: all positions just for logprobs
+            logits = self.fast_forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=token_logprobs is None)
+        else:
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
         next_token = sample_next_token(logits[:, -1], params, token_ids=tokens[:, :cur_pos], pad_id=PAD,
                                        generator=generator)
         next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
