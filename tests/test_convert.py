@@ -403,7 +403,9 @@ def test_smollm2_logits_match_transformers(smollm2: tuple[Path, Path]) -> None:
     ckpt, gguf_path = smollm2
     assert C.ensure_default_model(ckpt) == ckpt  # already converted: returned as is
     assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".")]  # no temp dir left behind
-    assert json.loads((ckpt / "generation_config.json").read_text()) == {"eos_token_id": [2], "chat_format": "chatml"}
+    assert json.loads((ckpt / "generation_config.json").read_text()) == {
+        "eos_token_id": [2], "chat_format": "chatml",
+        "default_system_prompt": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     prompt = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
               "<|im_start|>user\nWrite a haiku about the sea, then list three surprising facts about octopuses "
@@ -438,3 +440,12 @@ def test_smollm2_tokenizer_matches_transformers(smollm2: tuple[Path, Path]) -> N
         assert ours.encode(text).ids == hf.encode(text), text
         assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == text
     assert [ours.id_to_token(i) for i in ours.encode("x  1").ids] == ["x", "ĠĠ", "1"]
+
+
+def test_default_system_prompt_is_read_from_the_chat_template() -> None:
+    qwen = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are Qwen.<|im_end|>\n' }}{% endif %}"
+            "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}")
+    assert C.default_system_prompt(qwen) == "You are Qwen."
+    plain = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    assert C.default_system_prompt(plain) is None
+    assert C.chat_settings("<|start_header_id|>") == {"chat_format": "llama3"}
