@@ -115,6 +115,7 @@ class Attention(nn.Module):
         self.wk = parallel.column_linear(args.dim, args.kv_heads * self.head_dim)
         self.wv = parallel.column_linear(args.dim, args.kv_heads * self.head_dim)
         self.wo = parallel.row_linear(args.n_heads * self.head_dim, args.dim)
+        self.wqkv: Optional[nn.Module] = None  # wq, wk, wv as one matmul, set by fast.fuse_projections
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
 
@@ -123,12 +124,22 @@ class Attention(nn.Module):
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
 
+    def project(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns q ``[b, s, heads, hd]`` and k, v ``[b, s, kv_heads, hd]`` for x ``[b, s, dim]``, q and k rotated."""
+        bsz, seqlen, _ = x.shape
+        if self.wqkv is not None:
+            q_size, kv_size = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        return apply_rope(q, rope), apply_rope(k, rope), v
+
     def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = self.project(x, rope)
 
         end = start_pos + seqlen
         self.cache_k[:bsz, start_pos:end] = k
@@ -148,9 +159,14 @@ class FeedForward(nn.Module):
         self.w1 = parallel.column_linear(dim, hidden_dim)
         self.w2 = parallel.row_linear(hidden_dim, dim)
         self.w3 = parallel.column_linear(dim, hidden_dim)
+        self.w13: Optional[nn.Module] = None  # w1 and w3 as one matmul, set by fast.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -189,10 +205,11 @@ class Transformer(nn.Module):
         ).to(weight.device)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
         """Returns float32 logits ``[batch, seqlen, vocab]`` for ``tokens`` placed at positions start_pos...
 
-        The KV cache is filled for those positions, so decoding continues with ``start_pos + seqlen``.
+        The KV cache is filled for those positions, so decoding continues with ``start_pos + seqlen``. With
+        ``last_only`` only the last position's logits are computed (``[batch, 1, vocab]``): all a sampler needs.
         """
         if self.rope is None:
             self.setup_caches()
@@ -210,4 +227,6 @@ class Transformer(nn.Module):
             mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device).tril(start_pos)
         for layer in self.layers:
             h = layer(h, start_pos, rope, mask)
+        if last_only:
+            h = h[:, -1:]
         return self.output(self.norm(h)).float()

@@ -1,0 +1,234 @@
+"""The engines the harness compares, behind one small interface.
+
+Every engine decodes greedily, exactly ``new_tokens`` tokens per prompt (EOS ignored), from the same token ids.
+"""
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA2_TOKENIZER = REPO.parent / "shared" / "data" / "llama2_tokenizer.model"
+SEVEN_B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, multiple_of=256)
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelSpec:
+    """Where each engine finds the model. ``kind``: default | tiny | 7b-random."""
+
+    kind: str
+    ckpt_dir: Optional[str] = None  # our Meta-style checkpoint
+    tokenizer_path: Optional[str] = None
+    hf_dir: Optional[str] = None  # Hugging Face directory (holding the GGUF file, or config.json + weights)
+    gguf_file: Optional[str] = None  # file name inside hf_dir
+
+    @property
+    def gguf_path(self) -> Optional[str]:
+        return str(Path(self.hf_dir) / self.gguf_file) if self.gguf_file else None
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+class Engine:
+    """name, weight bytes, bytes read per decoded token, KV cache bytes, and greedy generation."""
+
+    name = "engine"
+    max_batch = 1 << 30
+    weights_bytes = 0
+    read_bytes_per_token = 0
+    kv_bytes = 0
+    compile_s: Optional[float] = None
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def warm_up(self, batch_sizes: list[int], max_pos: int) -> None:
+        pass
+
+
+# ---- ours ----------------------------------------------------------------------------------------------
+
+
+class Ours(Engine):
+    def __init__(self, spec: ModelSpec, variant: str, device: str, max_seq_len: int, max_batch: int,
+                 compile: bool):
+        from llama_gen import Llama
+
+        quantize = "int8" if variant.startswith("int8") else None
+        dtype = variant.split("-")[1] if quantize and "-" in variant else ("fp32" if quantize else variant)
+        self.name = f"ours {variant}" + ("" if compile else " (eager)")
+        self.device = device
+        if spec.kind == "7b-random":
+            self.llama = random_llama(device, TORCH_DTYPES[dtype], max_seq_len, max_batch, compile, quantize)
+        else:
+            self.llama = Llama.build(spec.ckpt_dir, tokenizer_path=spec.tokenizer_path, max_seq_len=max_seq_len,
+                                     max_batch_size=max_batch, device=device, dtype=dtype, compile=compile,
+                                     quantize=quantize)
+        self.llama.eos_ids = []  # always decode exactly new_tokens, like the other engines
+        model = self.llama.model
+        self.weights_bytes = tensor_bytes([*model.parameters(), *model.buffers()])
+        embedding = tensor_bytes([*model.tok_embeddings.parameters(), *model.tok_embeddings.buffers()])
+        self.read_bytes_per_token = self.weights_bytes - embedding  # decoding reads one embedding row
+        self.kv_bytes = tensor_bytes([t for layer in model.layers
+                                      for t in (layer.attention.cache_k, layer.attention.cache_v)])
+
+    def warm_up(self, batch_sizes: list[int], max_pos: int) -> None:
+        fast = self.llama.fast_forward
+        if fast is not None:
+            fast.warm_up(tuple(batch_sizes), max_pos)
+            self.compile_s = sum(fast.compile_seconds.values())
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        out, _ = self.llama.generate(prompts, max_gen_len=new_tokens, temperature=0)
+        sync(self.device)
+        return out
+
+
+def random_llama(device: str, dtype: torch.dtype, max_seq_len: int, max_batch: int, compile: bool,
+                 quantize: Optional[str]):
+    """Returns a Llama with a 7B-shaped random-weight model (no checkpoint needed) and the Llama 2 tokenizer."""
+    from llama_gen import Llama
+    from llama_gen.fast import prepare
+    from llama_gen.model import ModelArgs, Transformer
+    from llama_gen.tokenizer import load_tokenizer
+
+    args = ModelArgs(**SEVEN_B, max_seq_len=max_seq_len, max_batch_size=max_batch)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device=device).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    model.setup_caches(max_batch, max_seq_len)
+    fast = prepare(model, compile=compile, quantize=quantize) if (compile or quantize) else None
+    llama = Llama(model, load_tokenizer(LLAMA2_TOKENIZER))
+    llama.fast_forward = fast
+    return llama
+
+
+# ---- Hugging Face transformers ----------------------------------------------------------------------
+
+
+class HF(Engine):
+    def __init__(self, spec: ModelSpec, dtype: str, device: str):
+        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+        self.name, self.device = f"hf {dtype}", device
+        torch_dtype = TORCH_DTYPES[dtype]
+        if spec.kind == "7b-random":
+            config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                 num_key_value_heads=32, intermediate_size=11008, vocab_size=32000)
+            with torch.device(device):
+                model = LlamaForCausalLM._from_config(config, dtype=torch_dtype)
+        elif spec.gguf_file:
+            model = AutoModelForCausalLM.from_pretrained(spec.hf_dir, gguf_file=spec.gguf_file, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec.hf_dir, dtype=torch_dtype)
+        self.model = model.to(device).eval()
+        self.model.generation_config.eos_token_id = None  # decode exactly new_tokens
+        params = list(self.model.parameters())
+        self.weights_bytes = tensor_bytes(params)
+        embed = self.model.get_input_embeddings().weight
+        tied = self.model.get_output_embeddings().weight.data_ptr() == embed.data_ptr()
+        self.read_bytes_per_token = self.weights_bytes - (0 if tied else tensor_bytes([embed]))
+        cfg = self.model.config
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv_per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * embed.element_size()
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        ids = torch.tensor(prompts, device=self.device)
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        sync(self.device)
+        self.kv_bytes = max(self.kv_bytes, self.kv_per_token * out.numel())  # a dynamic cache: as long as used
+        return out[:, ids.shape[1]:].tolist()
+
+
+# ---- llama.cpp ----------------------------------------------------------------------------------------
+
+
+class LlamaCpp(Engine):
+    max_batch = 1  # llama-cpp-python's Llama object decodes one sequence
+
+    def __init__(self, spec: ModelSpec, threads: int, max_seq_len: int, device: str):
+        import numpy as np
+        from llama_cpp import Llama as CppLlama
+
+        self.np = np
+        self.name = f"llama.cpp {Path(spec.gguf_file).stem.rsplit('.', 1)[-1]}"
+        self.llm = CppLlama(model_path=spec.gguf_path, n_ctx=max_seq_len, n_threads=threads, n_threads_batch=threads,
+                            n_batch=512, n_ubatch=512, n_gpu_layers=-1 if device.startswith("cuda") else 0,
+                            verbose=False)
+        self.weights_bytes, self.read_bytes_per_token, layers, kv_dim = gguf_sizes(spec.gguf_path)
+        self.kv_bytes = 2 * layers * kv_dim * max_seq_len * 2  # f16 K and V for n_ctx positions
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        if len(prompts) > 1:
+            raise NotImplementedError("llama-cpp-python decodes one sequence at a time")
+        llm = self.llm
+        llm.reset()
+        llm.eval(prompts[0])
+        out = []
+        for i in range(new_tokens):
+            token = int(self.np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(token)
+            if i + 1 < new_tokens:
+                llm.eval([token])
+        return [out]
+
+
+def gguf_sizes(path: str) -> tuple[int, int, int, int]:
+    """Returns (tensor bytes, bytes read per decoded token, layers, K width) of a GGUF file."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    total = sum(sizes.values())
+    read = total - (sizes["token_embd.weight"] if "output.weight" in sizes else 0)
+    layers = len({n.split(".")[1] for n in sizes if n.startswith("blk.")})
+    kv_dim = next(int(t.shape[1]) for t in reader.tensors if t.name == "blk.0.attn_k.weight")  # ggml order: [in, out]
+    return total, read, layers, kv_dim
+
+
+def make_engine(name: str, spec: ModelSpec, device: str, threads: int, max_seq_len: int, max_batch: int,
+                compile: bool) -> Engine:
+    """name: ``ours:fp32`` / ``ours:int8`` / ``hf:fp32`` / ``llamacpp`` ..."""
+    kind, _, variant = name.partition(":")
+    if kind == "ours":
+        return Ours(spec, variant, device, max_seq_len, max_batch, compile)
+    if kind == "hf":
+        return HF(spec, variant, device)
+    if kind == "llamacpp":
+        return LlamaCpp(spec, threads, max_seq_len, device)
+    raise ValueError(f"unknown engine {name!r}")
+
+
+def dump(obj, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result

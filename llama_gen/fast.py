@@ -1,0 +1,222 @@
+"""The fast decoding path: fused projections and a static-shape decode step that ``torch.compile`` takes whole.
+
+The eager ``Transformer.forward`` stays the reference. This module only adds:
+
+* ``fuse_projections``: wq/wk/wv -> one ``wqkv`` matmul and w1/w3 -> one ``w13`` matmul, done after the
+  checkpoint is loaded (the checkpoint format does not change).
+* ``decode_step``: one new token per sequence at a position given as a tensor. The KV cache is written with
+  ``index_put_`` and attention runs over a fixed-size window of the cache with a mask row taken from a
+  precomputed causal mask, so every shape is static and the step compiles to a single graph (gpt-fast style).
+* ``FastForward``: a drop-in for ``model.forward`` that runs the prompt (several tokens) eagerly and every
+  single-token step through the (optionally compiled) ``decode_step``.
+"""
+
+import gc
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from llama_gen.model import Attention, Transformer
+from llama_gen.quantize import Int8Linear, release_freed_memory, release_pages
+from llama_gen.quantize import quantize as quantize_model
+
+MIN_WINDOW = 256  # smallest attention window over the cache (windows are powers of two up to max_seq_len)
+
+
+# ---- fused projections ---------------------------------------------------------------------------------
+
+
+def fused_linear(parts: list[nn.Module]) -> nn.Module:
+    """Returns one bias-free linear layer computing ``torch.cat([p(x) for p in parts], -1)``."""
+    if all(isinstance(p, Int8Linear) for p in parts):
+        return Int8Linear.concat(parts)
+    weight = torch.cat([p.weight.detach() for p in parts], dim=0)
+    for p in parts:
+        release_pages(p.weight)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
+
+
+def can_fuse(model: Transformer) -> bool:
+    """Fusion needs plain (or int8) linear layers, not fairscale's model-parallel ones."""
+    attn = model.layers[0].attention
+    plain = (nn.Linear, Int8Linear)
+    return attn.wqkv is not None or all(type(getattr(attn, name)) in plain for name in ("wq", "wk", "wv"))
+
+
+def fuse_projections(model: Transformer) -> Transformer:
+    """Replaces wq/wk/wv by ``wqkv`` and w1/w3 by ``w13`` in every layer (in place); returns the model."""
+    if not can_fuse(model):
+        raise ValueError("projection fusion needs plain nn.Linear layers (model_parallel_size=1)")
+    for layer in model.layers:
+        attn, ff = layer.attention, layer.feed_forward
+        if attn.wqkv is None:
+            attn.wqkv = fused_linear([attn.wq, attn.wk, attn.wv])
+            del attn.wq, attn.wk, attn.wv
+        if ff.w13 is None:
+            ff.w13 = fused_linear([ff.w1, ff.w3])
+            del ff.w1, ff.w3
+    release_freed_memory()
+    return model
+
+
+# ---- the static-shape decode step ----------------------------------------------------------------------
+
+
+def causal_mask(max_seq_len: int, device: torch.device) -> torch.Tensor:
+    """Returns the ``[max_seq_len, max_seq_len]`` bool mask: row p lets position p see positions <= p."""
+    return torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
+
+
+def attention_window(pos: int, max_seq_len: int) -> int:
+    """Returns how many cache positions a step at ``pos`` attends over: a power of two >= pos + 1.
+
+    A few fixed window sizes keep shapes static (one compiled graph each) without reading the whole cache
+    on every step of a short generation.
+    """
+    window = MIN_WINDOW
+    while window < pos + 1:
+        window *= 2
+    return min(window, max_seq_len)
+
+
+def attention_step(attn: Attention, x: torch.Tensor, input_pos: torch.Tensor, rope: torch.Tensor,
+                   mask: torch.Tensor, window: int) -> torch.Tensor:
+    """Attention for one new token per sequence (x ``[b, 1, dim]``) at position ``input_pos`` ``[1]``."""
+    bsz = x.shape[0]
+    q, k, v = attn.project(x, rope)
+    # Index the whole cache (not a [:bsz] view) so the compiled write stays in place rather than copying the cache.
+    where = (torch.arange(bsz, device=x.device)[:, None], input_pos[None, :])
+    attn.cache_k.index_put_(where, k)
+    attn.cache_v.index_put_(where, v)
+    out = attend_one(q, attn.cache_k[:bsz, :window], attn.cache_v[:bsz, :window], mask)
+    return attn.wo(out)
+
+
+def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention of one query per sequence; returns ``[b, 1, heads * hd]`` in q's dtype.
+
+    q ``[b, 1, heads, hd]``; keys, values ``[b, window, kv_heads, hd]`` (the cache's own layout); mask
+    ``[1, window]`` bool. Query head i reads KV head i // (heads / kv_heads), as in Meta's repeat_kv. Written as
+    broadcast products and sums (float32) that the compiler fuses into loops reading the cache in place; for a
+    single query this is faster than the flash-attention kernel.
+    """
+    bsz, _, n_heads, head_dim = q.shape
+    n_kv = keys.shape[2]
+    grouped = q.view(bsz, 1, n_kv, n_heads // n_kv, head_dim).float()  # query heads grouped by their KV head
+    scores = (grouped * keys[:, :, :, None, :].float()).sum(-1) * head_dim ** -0.5  # [b, window, kv, group]
+    probs = scores.masked_fill(~mask.view(1, -1, 1, 1), float("-inf")).softmax(dim=1)
+    out = (probs[..., None] * values[:, :, :, None, :].float()).sum(1)  # [b, kv, group, hd]
+    return out.reshape(bsz, 1, n_heads * head_dim).type_as(q)
+
+
+def decode_step(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
+                window: int) -> torch.Tensor:
+    """Returns float32 logits ``[b, 1, vocab]`` for tokens ``[b, 1]`` at position ``input_pos`` ``[1]``.
+
+    ``mask`` is the full causal mask; only its row ``input_pos`` (first ``window`` columns) is used.
+    """
+    h = model.tok_embeddings(tokens)
+    rope = model.rope[input_pos]
+    mask_row = mask[input_pos, :window]
+    for layer in model.layers:
+        h = h + attention_step(layer.attention, layer.attention_norm(h), input_pos, rope, mask_row, window)
+        h = h + layer.feed_forward(layer.ffn_norm(h))
+    return model.output(model.norm(h)).float()
+
+
+def free_compiler_memory() -> None:
+    """Collects the compiler's garbage and hands the freed memory back to the OS (it can be 100s of MB)."""
+    gc.collect()
+    release_freed_memory()
+
+
+def default_compile_mode(device: torch.device) -> Optional[str]:
+    """CUDA graphs ("reduce-overhead") on GPU; inductor's default mode elsewhere."""
+    return "reduce-overhead" if device.type == "cuda" else None
+
+
+class FastForward:
+    """Drop-in for ``model.forward(tokens, start_pos)``: prompts run eagerly, single tokens via decode_step.
+
+    With ``compile=True`` the decode step is compiled with ``torch.compile(fullgraph=True)``: one graph per
+    batch size and attention window, built on first use. ``compile_seconds`` records those first calls
+    (compilation plus one step) apart from steady-state decoding.
+    """
+
+    def __init__(self, model: Transformer, compile: bool = True, mode: Optional[str] = None,
+                 options: Optional[dict] = None):
+        if model.rope is None:
+            model.setup_caches()
+        self.model = model
+        device = model.norm.weight.device
+        self.mask = causal_mask(model.args.max_seq_len, device)
+        self.positions = torch.arange(model.args.max_seq_len, device=device)
+        self.compiled = compile
+        self.step: Callable[..., torch.Tensor] = decode_step
+        self.cuda_graphs = False
+        if compile:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            mode = mode or default_compile_mode(device)
+            self.cuda_graphs = mode == "reduce-overhead"
+            self.step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode,
+                                      options=options if mode is None else None)
+        self.compile_seconds: dict[tuple[int, int], float] = {}  # (batch size, window) -> first call
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        """Returns float32 logits ``[b, seqlen, vocab]`` (``[b, 1, vocab]`` with last_only), like model.forward."""
+        bsz, seqlen = tokens.shape
+        if seqlen > 1 or start_pos >= self.model.args.max_seq_len or bsz > self.model.args.max_batch_size:
+            return self.model.forward(tokens, start_pos, last_only=last_only)  # prompts (and its error messages)
+        return self._decode(tokens, start_pos, attention_window(start_pos, self.model.args.max_seq_len))
+
+    def _decode(self, tokens: torch.Tensor, pos: int, window: int) -> torch.Tensor:
+        input_pos = self.positions[pos: pos + 1].clone()  # a device tensor: no recompilation per position
+        key = (tokens.shape[0], window)
+        first = self.compiled and key not in self.compile_seconds
+        start = time.perf_counter()
+        logits = self.step(self.model, tokens, input_pos, self.mask, window)
+        if first:
+            self.compile_seconds[key] = time.perf_counter() - start
+            free_compiler_memory()
+        return logits.clone() if self.cuda_graphs else logits  # CUDA graphs reuse their output buffer
+
+    @torch.inference_mode()
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,), max_pos: Optional[int] = None) -> float:
+        """Compiles the decode step for these batch sizes and every window up to max_pos; returns seconds.
+
+        Writes only cache position 0, which every generation overwrites with its first prompt token.
+        """
+        if not self.compiled:
+            return 0.0
+        start = time.perf_counter()
+        max_seq_len = self.model.args.max_seq_len
+        last = max_seq_len - 1 if max_pos is None else min(max_pos, max_seq_len - 1)
+        windows = sorted({attention_window(pos, max_seq_len) for pos in range(last + 1)})
+        for bsz in batch_sizes:
+            tokens = torch.zeros(bsz, 1, dtype=torch.long, device=self.positions.device)
+            for window in windows:
+                if (bsz, window) not in self.compile_seconds:
+                    self._decode(tokens, 0, window)  # position 0, attending over `window` positions
+        return time.perf_counter() - start
+
+
+def prepare(model: Transformer, compile: bool = False, quantize: Optional[str] = None) -> Optional[FastForward]:
+    """Applies the load-time speed-ups in place and returns the forward to decode with (None: plain eager).
+
+    int8 weights first (each float weight's pages dropped as it is replaced), then fused projections when the
+    layers are plain (not model-parallel), then the static-shape decode step, compiled on first use with
+    ``compile``.
+    """
+    if quantize is not None:
+        quantize_model(model, quantize)
+    if not (compile or quantize):
+        return None
+    if not can_fuse(model):  # model parallel: fairscale's layers and collectives stay eager
+        return FastForward(model, compile=False)
+    fuse_projections(model)
+    return FastForward(model, compile=compile)

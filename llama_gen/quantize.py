@@ -1,0 +1,149 @@
+"""Weight-only int8 quantization with per-output-channel scales.
+
+Each weight row ``w[n, :]`` is stored as int8 ``q[n, :]`` with one scale ``s[n] = max|w[n, :]| / 127``, so
+``w ≈ q * s[:, None]``. Activations keep the model's dtype. Matmuls use PyTorch's own kernels: on CPU
+``torch.ops.aten._weight_int8pack_mm`` (fed bf16 activations: its float32 variant is not vectorized), elsewhere
+``F.linear(x, q.to(x.dtype)) * s`` (the gpt-fast formulation, which ``torch.compile`` fuses into one kernel).
+Weights are quantized one at a time and the float weight's memory-mapped pages are dropped right after, so
+the float and int8 models never coexist in memory.
+"""
+
+import ctypes
+import mmap
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama_gen.model import Transformer
+
+QUANTIZATIONS = ("int8",)
+
+# ---- releasing memory-mapped pages --------------------------------------------------------------------
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (file-backed pages are simply dropped)
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Asks the kernel to drop the resident pages under a CPU tensor we are done with.
+
+    Weights loaded with ``torch.load(mmap=True)`` stay resident (and count in RSS) once read, until the whole
+    file is unmapped. When a weight is replaced by a fused or quantized copy, dropping its pages keeps the
+    peak at one copy of the weights. Data is never changed: anonymous pages without swap are left in place.
+    """
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+
+
+def release_freed_memory() -> None:
+    """Returns memory freed by the C allocator to the OS (glibc keeps freed heap pages resident otherwise)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def quantize_rows(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (int8 weight, float32 per-row scales) with ``weight ≈ q * scales[:, None]`` (symmetric).
+
+    Works through the rows in chunks so the float temporaries stay small.
+    """
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], chunk_rows):
+        w = weight[start: start + chunk_rows].detach().float()
+        s = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        q[start: start + chunk_rows] = torch.round(w / s[:, None]).clamp_(-128, 127)
+        scales[start: start + chunk_rows] = s
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with an int8 weight ``[out, in]`` and per-output-channel scales ``[out]``."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("scales_bf16", scales.to(torch.bfloat16))  # for the CPU kernel (see forward)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> "Int8Linear":
+        q, scales = quantize_rows(linear.weight)
+        return cls(q, scales.to(dtype))
+
+    @classmethod
+    def concat(cls, parts: list["Int8Linear"]) -> "Int8Linear":
+        """Returns one layer computing ``torch.cat([p(x) for p in parts], -1)`` (per-row scales concatenate)."""
+        return cls(torch.cat([p.weight for p in parts]), torch.cat([p.scales for p in parts]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return F.linear(x, self.weight.to(x.dtype)) * self.scales
+        # PyTorch's CPU int8 kernel is vectorized for bf16 (and fp16) activations, not for float32.
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales_bf16)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int8Embedding(nn.Module):
+    """A token embedding stored as int8 rows with one scale per token."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, dtype: torch.dtype) -> "Int8Embedding":
+        q, scales = quantize_rows(embedding.weight)
+        return cls(q, scales.to(dtype))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(tokens, self.weight).to(self.scales.dtype)
+        return rows * F.embedding(tokens, self.scales[:, None])
+
+
+def quantize_int8(model: Transformer, dtype: Optional[torch.dtype] = None) -> Transformer:
+    """Replaces every plain ``nn.Linear`` and ``nn.Embedding`` by its int8 version (in place); returns the model.
+
+    ``dtype`` is the activation dtype the scales are stored in (default: the norm weights' dtype). Norm
+    weights, rotary table and KV cache are untouched.
+    """
+    dtype = dtype or model.norm.weight.dtype
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, Int8Linear.from_linear(child, dtype))
+            elif type(child) is nn.Embedding:
+                setattr(parent, name, Int8Embedding.from_embedding(child, dtype))
+            else:
+                continue
+            release_pages(child.weight)
+            release_freed_memory()  # the float temporaries, before they pile up between int8 weights
+    return model
+
+
+def quantize(model: Transformer, method: Optional[str]) -> Transformer:
+    """Applies a quantization by name ("int8"), or nothing for None; returns the model."""
+    if method is None:
+        return model
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {method!r}: use one of {', '.join(QUANTIZATIONS)}")
+    if any(type(m).__module__.startswith("fairscale") for m in model.modules()):
+        raise ValueError("int8 quantization needs model_parallel_size=1 (plain nn.Linear layers)")
+    return quantize_int8(model)

@@ -1,0 +1,30 @@
+"""The benchmark harness runs end to end (tiny random model, tiny settings). Timings are never checked here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_harness_runs_on_a_tiny_model(tmp_path):
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--model", "tiny", "--ours", "fp32,int8",
+           "--contenders", "hf", "--runs", "1", "--prompt-len", "16", "--new-tokens", "4", "--batch-sizes", "1,2",
+           "--max-seq-len", "64", "--no-compile", "--bandwidth-gib", "0.02", "--json", str(out),
+           "--markdown", str(tmp_path / "results.md")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["bandwidth"]["read_gbs"] > 0
+    engines = {r["engine"]: r for r in report["results"]}
+    assert set(engines) == {"ours fp32 (eager)", "ours int8 (eager)", "hf fp32"}, engines
+    for r in engines.values():
+        assert "error" not in r, r
+        assert r["prefill_tps"] > 0 and r["peak_mib"] > 0
+        assert set(r["decode"]) == {"1", "2"} and all(d["tps"] > 0 for d in r["decode"].values())
+    # same weights, same greedy tokens
+    assert engines["ours fp32 (eager)"]["decode"]["1"]["tokens"] == engines["hf fp32"]["decode"]["1"]["tokens"]
+    table = (tmp_path / "results.md").read_text()
+    assert "ours fp32 (eager) / hf fp32" in table

@@ -1,0 +1,120 @@
+"""The fast path (fused projections, static-shape decode step, torch.compile, int8 weights) against the eager path."""
+
+import pytest
+import torch
+
+from conftest import LLAMA2_TOKENIZER, TINY_CONFIGS
+from llama_gen import Llama
+from llama_gen.fast import FastForward, attention_window, fuse_projections
+from llama_gen.quantize import Int8Linear, quantize, quantize_rows, release_pages
+from test_engine import PROMPTS
+
+
+def build(ckpt, **kwargs) -> Llama:
+    kwargs = {"max_seq_len": 128, "max_batch_size": 4, "device": "cpu", "dtype": "float32", **kwargs}
+    return Llama.build(ckpt, tokenizer_path=str(LLAMA2_TOKENIZER), **kwargs)
+
+
+def stepwise_logits(forward, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits of a prefill of prompt_len tokens, then one token at a time."""
+    steps = [forward(tokens[:, :prompt_len], 0)]
+    steps += [forward(tokens[:, i:i + 1], i) for i in range(prompt_len, tokens.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_fused_static_step_matches_eager(tiny_checkpoints, name):
+    _, ckpt = tiny_checkpoints[name]
+    llama = build(ckpt)
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 32000, (3, 100))
+    expected = llama.model.forward(tokens, 0)
+    fuse_projections(llama.model)
+    assert llama.model.layers[0].attention.wqkv is not None and not hasattr(llama.model.layers[0].attention, "wq")
+    assert (llama.model.forward(tokens, 0) - expected).abs().max().item() <= 1e-5
+    fast = FastForward(llama.model, compile=False)
+    assert (stepwise_logits(fast, tokens, 20) - expected).abs().max().item() <= 1e-4
+
+
+def test_attention_window_is_a_power_of_two_covering_the_position():
+    assert attention_window(0, 2048) == 256
+    assert attention_window(255, 2048) == 256
+    assert attention_window(256, 2048) == 512
+    assert attention_window(1500, 2048) == 2048
+    assert attention_window(100, 128) == 128
+
+
+def test_compiled_greedy_equals_eager(tiny_checkpoints):
+    _, ckpt = tiny_checkpoints["gqa"]
+    eager = build(ckpt)
+    fast = build(ckpt, compile=True)
+    assert fast.fast_forward is not None and fast.fast_forward.compiled
+    expected, _ = eager.generate(PROMPTS, max_gen_len=12, temperature=0)  # 5 prompts: batches of 4 and 1
+    got, _ = fast.generate(PROMPTS, max_gen_len=12, temperature=0)
+    assert got == expected
+    assert set(fast.fast_forward.compile_seconds) == {(4, 128), (1, 128)}  # one graph per batch size
+    # logprobs and sampling with a seed go through the same compiled step
+    a = eager.text_completion(["Hello"], max_gen_len=6, temperature=0.8, seed=3, logprobs=True)
+    b = fast.text_completion(["Hello"], max_gen_len=6, temperature=0.8, seed=3, logprobs=True)
+    assert a[0]["generation"] == b[0]["generation"]
+    assert torch.allclose(torch.tensor(a[0]["logprobs"]), torch.tensor(b[0]["logprobs"]), atol=1e-4)
+
+
+def test_quantize_rows_round_trip():
+    torch.manual_seed(0)
+    w = torch.randn(64, 96)
+    q, scales = quantize_rows(w)
+    assert q.dtype == torch.int8 and scales.shape == (64,)
+    assert q.abs().max().item() == 127
+    assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-6).all()
+
+
+def test_int8_linear_matches_dequantized_weight():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=False)
+    int8 = Int8Linear.from_linear(linear, torch.float32)
+    x = torch.randn(2, 5, 96)
+    reference = torch.nn.functional.linear(x, int8.weight.float() * int8.scales[:, None])
+    # the CPU kernel takes bf16 activations: about bf16 precision
+    assert torch.allclose(int8(x), reference, rtol=2e-2, atol=2e-2)
+    fused = Int8Linear.concat([int8, int8])
+    assert torch.equal(fused(x), torch.cat([int8(x), int8(x)], dim=-1))
+
+
+def test_int8_model_close_to_fp32(tiny_checkpoints):
+    _, ckpt = tiny_checkpoints["gqa"]
+    llama = build(ckpt)
+    tokens = torch.tensor([PROMPTS[2]])
+    expected = llama.model.forward(tokens, 0)
+    quantized = build(ckpt, quantize="int8")
+    assert not any(isinstance(m, torch.nn.Linear) for m in quantized.model.modules())
+    assert quantized.model.layers[0].feed_forward.w13 is not None  # fused after quantization
+    got = quantized.model.forward(tokens, 0)
+    assert (got - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.7  # random weights: close logits
+    out, _ = quantized.generate(PROMPTS[:2], max_gen_len=6, temperature=0)
+    assert all(len(o) == 6 for o in out)
+
+
+def test_unknown_quantization_is_rejected(tiny_checkpoints):
+    _, ckpt = tiny_checkpoints["mha"]
+    with pytest.raises(ValueError, match="int8"):
+        build(ckpt, quantize="int3")
+
+
+def test_release_pages_keeps_the_data():
+    t = torch.arange(3 * 4096, dtype=torch.float32)
+    release_pages(t)  # anonymous memory: a no-op for the data
+    assert torch.equal(t, torch.arange(3 * 4096, dtype=torch.float32))
+
+
+@pytest.mark.real_model
+def test_default_model_fast_path_greedy_equals_eager():
+    llama = Llama.build(max_seq_len=256, max_batch_size=3, device="cpu", dtype="float32")
+    prompts = [llama.tokenizer.encode(p, bos=False, eos=False) for p in
+               ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]]
+    expected, _ = llama.generate(prompts, max_gen_len=24, temperature=0)
+    fuse_projections(llama.model)
+    llama.fast_forward = FastForward(llama.model, compile=False)
+    got, _ = llama.generate(prompts, max_gen_len=24, temperature=0)
+    assert got == expected
