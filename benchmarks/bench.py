@@ -197,7 +197,8 @@ def results_table(results: list[dict], batch_sizes: list[int], bandwidth: float)
 def ratio_table(results: list[dict], batch_sizes: list[int]) -> str:
     ours = [r for r in results if r["engine"].startswith("ours") and "error" not in r]
     others = [r for r in results if not r["engine"].startswith("ours") and "error" not in r]
-    head = ["ours / contender", "prefill", "TTFT (lower is better)"] + [f"decode b{b}" for b in batch_sizes] + ["peak mem"]
+    head = (["ours / contender", "prefill", "TTFT (lower is better)"] + [f"decode b{b}" for b in batch_sizes]
+            + ["peak mem"])
     rows = []
     for o in ours:
         for c in others:
@@ -209,7 +210,7 @@ def ratio_table(results: list[dict], batch_sizes: list[int]) -> str:
                          ratio(lambda r: r["ttft_s"])]
                         + [ratio(lambda r, b=b: r["decode"].get(str(b), {}).get("tps")) for b in batch_sizes]
                         + [ratio(lambda r: r["peak_mib"])])
-    return markdown_table(head, rows)
+    return markdown_table(head, rows) if rows else ""
 
 
 def agreement(results: list[dict]) -> str:

@@ -134,8 +134,12 @@ class HF(Engine):
         self.name, self.device = f"hf {dtype}", device
         torch_dtype = TORCH_DTYPES[dtype]
         if spec.kind == "7b-random":
-            config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                                 num_key_value_heads=32, intermediate_size=11008, vocab_size=32000)
+            from llama_gen.model import ModelArgs
+
+            args = ModelArgs(**SEVEN_B)
+            config = LlamaConfig(hidden_size=args.dim, num_hidden_layers=args.n_layers,
+                                 num_attention_heads=args.n_heads, num_key_value_heads=args.kv_heads,
+                                 intermediate_size=args.ffn_hidden_dim, vocab_size=args.vocab_size)
             with torch.device(device):
                 model = LlamaForCausalLM._from_config(config, dtype=torch_dtype)
         elif spec.gguf_file:
