@@ -11,18 +11,7 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_gen.convert import convert, ensure_default_model
-
-
-def main(src: str | None = None, out_dir: str | None = None, dtype: str = "float32") -> None:
-    """Converts ``src`` into ``out_dir`` (no src: the default model) and prints the checkpoint directory."""
-    if src is None:
-        print(ensure_default_model(out_dir))
-    elif out_dir is None:
-        raise SystemExit("usage: python scripts/convert.py SRC OUT_DIR [--dtype float32|bfloat16|float16]")
-    else:
-        print(convert(src, out_dir, dtype))
-
+from llama_gen.cli import convert  # noqa: E402
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire(convert)
