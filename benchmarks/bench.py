@@ -237,7 +237,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", choices=["default", "tiny", "7b-random"])
     p.add_argument("--ours", default="fp32,int8",
-                   help="our variants: fp32, bf16, int8 (fp32 activations), int8-bf16 (bf16 activations)")
+                   help="our variants: fp32, bf16, int8 (fp32 activations), int8-bf16 (bf16 activations); a suffix "
+                        "@N builds that variant with max_batch_size=N (timed at batch sizes <= N only)")
     p.add_argument("--contenders", default="hf,llamacpp", help="comma list of hf, llamacpp (skipped if not installed)")
     p.add_argument("--hf-dtypes", default="fp32", help="dtypes HF transformers runs in, e.g. fp32,bf16")
     p.add_argument("--device", default="cpu")

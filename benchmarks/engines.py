@@ -71,11 +71,13 @@ class Ours(Engine):
     def __init__(self, spec: ModelSpec, variant: str, device: str, max_seq_len: int, max_batch: int,
                  compile: bool):
         from llama_gen import Llama
+        from llama_gen.packed import PackedLinear
 
         quantize = "int8" if variant.startswith("int8") else None
         dtype = variant.split("-")[1] if quantize and "-" in variant else ("fp32" if quantize else variant)
         self.name = f"ours {variant}" + ("" if compile else " (eager)")
         self.device = device
+        self.max_batch = max_batch
         if spec.kind == "7b-random":
             self.llama = random_llama(device, TORCH_DTYPES[dtype], max_seq_len, max_batch, compile, quantize)
         else:
@@ -84,7 +86,8 @@ class Ours(Engine):
                                      quantize=quantize)
         self.llama.eos_ids = []  # always decode exactly new_tokens, like the other engines
         model = self.llama.model
-        self.weights_bytes = tensor_bytes([*model.parameters(), *model.buffers()])
+        self.weights_bytes = tensor_bytes([*model.parameters(), *model.buffers()]) + sum(
+            m.nbytes() for m in model.modules() if isinstance(m, PackedLinear))  # packed weights are neither
         embedding = tensor_bytes([*model.tok_embeddings.parameters(), *model.tok_embeddings.buffers()])
         self.read_bytes_per_token = self.weights_bytes - embedding  # decoding reads one embedding row
         self.kv_bytes = tensor_bytes([t for layer in model.layers
@@ -216,10 +219,14 @@ def gguf_sizes(path: str) -> tuple[int, int, int, int]:
 
 def make_engine(name: str, spec: ModelSpec, device: str, threads: int, max_seq_len: int, max_batch: int,
                 compile: bool) -> Engine:
-    """name: ``ours:fp32`` / ``ours:int8`` / ``hf:fp32`` / ``llamacpp`` ..."""
+    """name: ``ours:fp32`` / ``ours:int8`` / ``ours:fp32@1`` (built with max_batch_size=1) / ``hf:fp32`` / ``llamacpp``."""
     kind, _, variant = name.partition(":")
     if kind == "ours":
-        return Ours(spec, variant, device, max_seq_len, max_batch, compile)
+        variant, _, built_for = variant.partition("@")
+        engine = Ours(spec, variant, device, max_seq_len, int(built_for or max_batch), compile)
+        if built_for:
+            engine.name += f" built for batch {built_for}"
+        return engine
     if kind == "hf":
         return HF(spec, variant, device)
     if kind == "llamacpp":

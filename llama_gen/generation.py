@@ -19,6 +19,7 @@ from llama_gen import parallel
 from llama_gen.chat_format import ChatFormat, ChatMLFormat, Dialog, Message, default_chat_format, get_chat_format
 from llama_gen.checkpoint import (check_shapes, kv_replication, load_state_dict, read_params,
                                   validate_parallel)
+from llama_gen.memory import convert_weights
 from llama_gen.model import ModelArgs, Transformer
 from llama_gen.sampling import SamplingParams, sample_next_token
 from llama_gen.stopping import SequenceText
@@ -161,8 +162,8 @@ class Llama:
         args.n_kv_heads = args.kv_heads * kv_replication(args.kv_heads, mp_size)
         model = build_model(args, mp_size)
         check_shapes({k: v.shape for k, v in model.state_dict().items()}, state, ckpt_dir, args)
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-        model = model.to(device).eval()
+        model.load_state_dict(convert_weights(state, dtype, device), strict=True, assign=True)
+        model = model.to(device).eval()  # moves the buffers that are not in the checkpoint
         model.setup_caches(max_batch_size, max_seq_len)
         if compile or quantize:
             from llama_gen.fast import prepare

@@ -8,50 +8,16 @@ Weights are quantized one at a time and the float weight's memory-mapped pages a
 the float and int8 models never coexist in memory.
 """
 
-import ctypes
-import mmap
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama_gen.memory import release_freed_memory, release_pages
 from llama_gen.model import Transformer
 
 QUANTIZATIONS = ("int8",)
-
-# ---- releasing memory-mapped pages --------------------------------------------------------------------
-
-_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (file-backed pages are simply dropped)
-
-
-def release_pages(tensor: torch.Tensor) -> None:
-    """Asks the kernel to drop the resident pages under a CPU tensor we are done with.
-
-    Weights loaded with ``torch.load(mmap=True)`` stay resident (and count in RSS) once read, until the whole
-    file is unmapped. When a weight is replaced by a fused or quantized copy, dropping its pages keeps the
-    peak at one copy of the weights. Data is never changed: anonymous pages without swap are left in place.
-    """
-    if tensor.device.type != "cpu" or tensor.numel() == 0:
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
-
-
-def release_freed_memory() -> None:
-    """Returns memory freed by the C allocator to the OS (glibc keeps freed heap pages resident otherwise)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
 
 def quantize_rows(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (int8 weight, float32 per-row scales) with ``weight ≈ q * scales[:, None]`` (symmetric).

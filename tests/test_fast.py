@@ -6,7 +6,9 @@ import torch
 from conftest import LLAMA2_TOKENIZER, TINY_CONFIGS
 from llama_gen import Llama
 from llama_gen.fast import FastForward, attention_window, fuse_projections
-from llama_gen.quantize import Int8Linear, quantize, quantize_rows, release_pages
+from llama_gen.memory import convert_weights, release_pages
+from llama_gen.packed import PackedLinear, pack_linears
+from llama_gen.quantize import Int8Linear, quantize, quantize_rows
 from test_engine import PROMPTS
 
 
@@ -37,11 +39,13 @@ def test_fused_static_step_matches_eager(tiny_checkpoints, name):
 
 
 def test_attention_window_is_a_power_of_two_covering_the_position():
-    assert attention_window(0, 2048) == 256
+    assert attention_window(0, 2048) == 64
+    assert attention_window(63, 2048) == 64
+    assert attention_window(64, 2048) == 128
     assert attention_window(255, 2048) == 256
     assert attention_window(256, 2048) == 512
     assert attention_window(1500, 2048) == 2048
-    assert attention_window(100, 128) == 128
+    assert attention_window(100, 48) == 48
 
 
 def test_compiled_greedy_equals_eager(tiny_checkpoints):
@@ -52,7 +56,8 @@ def test_compiled_greedy_equals_eager(tiny_checkpoints):
     expected, _ = eager.generate(PROMPTS, max_gen_len=12, temperature=0)  # 5 prompts: batches of 4 and 1
     got, _ = fast.generate(PROMPTS, max_gen_len=12, temperature=0)
     assert got == expected
-    assert set(fast.fast_forward.compile_seconds) == {(4, 128), (1, 128)}  # one graph per batch size
+    assert {bsz for bsz, _ in fast.fast_forward.compile_seconds} == {4, 1}  # graphs per batch size and window
+    assert any(isinstance(m, PackedLinear) for m in fast.model.modules())  # float32 built for batches: packed
     # logprobs and sampling with a seed go through the same compiled step
     a = eager.text_completion(["Hello"], max_gen_len=6, temperature=0.8, seed=3, logprobs=True)
     b = fast.text_completion(["Hello"], max_gen_len=6, temperature=0.8, seed=3, logprobs=True)
@@ -100,6 +105,41 @@ def test_unknown_quantization_is_rejected(tiny_checkpoints):
     _, ckpt = tiny_checkpoints["mha"]
     with pytest.raises(ValueError, match="int8"):
         build(ckpt, quantize="int3")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_matches_f_linear_eager_and_compiled(dtype):
+    torch.manual_seed(0)
+    weight = torch.randn(96, 64).to(dtype)
+    layer = PackedLinear(weight, batch_size=8)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for shape in [(1, 64), (8, 64), (2, 5, 64)]:
+        x = torch.randn(shape).to(dtype)
+        expected = torch.nn.functional.linear(x.float(), weight.float())
+        assert layer(x).dtype == dtype and layer(x).shape == (*shape[:-1], 96)
+        assert (layer(x).float() - expected).abs().max().item() <= tol * expected.abs().max().item()
+    compiled = torch.compile(lambda x: torch.relu(layer(x)) + 1, fullgraph=True)  # an opaque op: no graph break
+    x = torch.randn(3, 64).to(dtype)
+    assert torch.allclose(compiled(x).float(), torch.relu(layer(x)).float() + 1, rtol=tol, atol=tol)
+
+
+def test_pack_linears_replaces_plain_layers_and_keeps_outputs():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32, bias=False), torch.nn.Linear(32, 8, bias=True))
+    x = torch.randn(4, 16)
+    expected = model(x)
+    pack_linears(model, batch_size=4)
+    assert isinstance(model[0], PackedLinear) and type(model[1]) is torch.nn.Linear  # bias: left as it is
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_convert_weights_converts_every_tensor_and_empties_the_source():
+    state = {"a": torch.randn(3, 4), "b": torch.arange(6, dtype=torch.float32)}
+    expected = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    same = state["b"]
+    converted = convert_weights(state, torch.bfloat16, torch.device("cpu"))
+    assert state == {} and set(converted) == {"a", "b"}
+    assert all(torch.equal(converted[k], expected[k]) for k in expected)
+    assert convert_weights({"b": same}, torch.float32, torch.device("cpu"))["b"] is same  # no copy when it fits
 
 
 def test_release_pages_keeps_the_data():

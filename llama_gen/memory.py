@@ -1,0 +1,55 @@
+"""Keeping one copy of the weights in memory while they are converted, fused, packed or quantized at load time."""
+
+import ctypes
+import mmap
+
+import torch
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (file-backed pages are simply dropped)
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Asks the kernel to drop the resident pages under a CPU tensor we are done with.
+
+    Weights loaded with ``torch.load(mmap=True)`` stay resident (and count in RSS) once read, until the whole
+    file is unmapped. When a weight is replaced by a fused or quantized copy, dropping its pages keeps the
+    peak at one copy of the weights. Data is never changed: anonymous pages without swap are left in place.
+    """
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+
+
+def release_freed_memory() -> None:
+    """Returns memory freed by the C allocator to the OS (glibc keeps freed heap pages resident otherwise)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def convert_weights(state: dict[str, torch.Tensor], dtype: torch.dtype,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """Returns the weights in ``dtype`` on ``device``, converting one tensor at a time (``state`` is emptied).
+
+    Each source tensor's memory-mapped pages are dropped once it is converted, so the checkpoint's pages and the
+    converted weights never all sit in memory together (a bf16 copy of float32 weights would otherwise triple
+    the resident size).
+    """
+    converted = {}
+    for name in list(state):
+        source = state.pop(name)
+        converted[name] = source.to(device=device, dtype=dtype)
+        if converted[name].data_ptr() != source.data_ptr():
+            release_pages(source)
+        del source
+    release_freed_memory()
+    return converted
