@@ -395,6 +395,8 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     model_parallel_size: Optional[int] = None,
+    compile: bool = False,
+    quantize: Optional[str] = None,
     logprobs: bool = False,
     strict: bool = False,
 ) -> None:
@@ -407,6 +409,7 @@ def main(
     """
     from llama_gen.chat_format import get_chat_format
     from llama_gen.generation import Llama, default_device
+    from llama_gen.quantize import check_quantization
 
     path = Path(str(prompts))
     out = Path(str(output)) if output is not None else path.with_name(path.stem + ".out.jsonl")
@@ -416,6 +419,7 @@ def main(
                     repetition_penalty=repetition_penalty, max_gen_len=max_gen_len, stop=stop)
     defaults = {k: ([v] if k == "stop" and isinstance(v, str) else v) for k, v in defaults.items() if v is not None}
     check_flags(max_seq_len, max_batch_size, defaults)
+    check_quantization(quantize)
     if chat_format is not None:
         get_chat_format(chat_format)
     records, bad, unknown = read_prompts(path)
@@ -440,7 +444,7 @@ def main(
         llama = Llama.build(ckpt_dir=None if ckpt_dir is None else str(ckpt_dir), tokenizer_path=tokenizer_path,
                             max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                             model_parallel_size=model_parallel_size, seed=seed, device=dev, dtype=dtype,
-                            chat_format=chat_format)
+                            chat_format=chat_format, compile=compile, quantize=quantize)
         more_bad = encode_records(llama, pending, chat_format)
         if strict and more_bad:
             report(path, more_bad)

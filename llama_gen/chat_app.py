@@ -26,6 +26,7 @@ import torch.distributed as dist
 from llama_gen.chat_format import ChatFormat, Dialog, Message, get_chat_format
 from llama_gen.cli import friendly_errors
 from llama_gen.generation import LIBRARY_DEFAULTS, Llama, StreamChunk
+from llama_gen.quantize import check_quantization
 from llama_gen.sampling import SamplingParams
 
 HELP = """commands:
@@ -291,6 +292,8 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     model_parallel_size: Optional[int] = None,
+    compile: bool = False,
+    quantize: Optional[str] = None,
     show_stats: bool = True,
     quiet_stats: bool = False,
 ) -> None:
@@ -302,12 +305,13 @@ def main(
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                     repetition_penalty=repetition_penalty)
     max_gen_len = check_args(max_seq_len, max_batch_size, max_gen_len, sampling, chat_format, model_parallel_size)
+    check_quantization(quantize)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"--seed must be an integer, got {seed!r}")
     llama = Llama.build(ckpt_dir=None if ckpt_dir is None else str(ckpt_dir), tokenizer_path=tokenizer_path,
                         max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype,
-                        chat_format=chat_format)
+                        chat_format=chat_format, compile=compile, quantize=quantize)
     channel = Channel(llama.device)
     if channel.tty_in:
         try:

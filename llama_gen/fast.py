@@ -178,6 +178,9 @@ class FastForward:
 
     def _decode(self, tokens: torch.Tensor, pos: int, window: int) -> torch.Tensor:
         input_pos = self.positions[pos: pos + 1].clone()  # a device tensor: no recompilation per position
+        # A fresh [b, 1] copy: a column of generate's token matrix has a stride that changes with the
+        # generation's length, and the compiled step is specialized on strides (it would recompile).
+        tokens = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device).copy_(tokens)
         key = (tokens.shape[0], window)
         first = self.compiled and key not in self.compile_seconds
         start = time.perf_counter()

@@ -21,6 +21,7 @@ from llama_gen.checkpoint import (check_shapes, kv_replication, load_state_dict,
                                   validate_parallel)
 from llama_gen.memory import convert_weights
 from llama_gen.model import ModelArgs, Transformer
+from llama_gen.quantize import check_quantization
 from llama_gen.sampling import SamplingParams, sample_next_token
 from llama_gen.stopping import SequenceText
 from llama_gen.tokenizer import Tokenizer, load_tokenizer
@@ -130,10 +131,12 @@ class Llama:
         tokenizer is found in ckpt_dir unless tokenizer_path is given. Under ``torchrun`` the model is split
         over ``model_parallel_size`` processes (default: all of them). ``quantize="int8"`` stores weights as
         int8 with per-channel scales; ``compile=True`` decodes with a ``torch.compile``d static-shape step
-        (see llama_gen/fast.py). Either one also fuses the q/k/v and w1/w3 projections (without model parallel).
+        (see llama_gen/fast.py). Either one also fuses the q/k/v and w1/w3 projections (without model parallel);
+        ``compile`` on CPU also stores bf16 weights (float32 ones when max_batch_size > 1) oneDNN-packed.
         """
         if max_seq_len < 2 or max_batch_size < 1:
             raise ValueError(f"need max_seq_len >= 2 and max_batch_size >= 1, got {max_seq_len} and {max_batch_size}")
+        check_quantization(quantize)
         device = torch.device(device) if device is not None else default_device()
         dtype = resolve_dtype(dtype, device)
         if ckpt_dir is None:
@@ -336,10 +339,9 @@ class Llama:
     def _step(self, tokens: torch.Tensor, token_logprobs: Optional[torch.Tensor], input_text_mask: torch.Tensor,
               prev_pos: int, cur_pos: int, params: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:
         """Runs the model on tokens[prev_pos:cur_pos], fills column cur_pos (prompt tokens win) and returns it."""
-        if self.fast_forward is not None:  # computes only the logits it must: all positions just for logprobs
-            logits = self.fast_forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=token_logprobs is None)
-        else:
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+        forward = self.fast_forward or self.model.forward
+        # Only the logits it must: every position just for logprobs (a 512-token prompt's are ~100 MB).
+        logits = forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=token_logprobs is None)
         next_token = sample_next_token(logits[:, -1], params, token_ids=tokens[:, :cur_pos], pad_id=PAD,
                                        generator=generator)
         next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)

@@ -104,12 +104,17 @@ def quantize_int8(model: Transformer, dtype: Optional[torch.dtype] = None) -> Tr
     return model
 
 
+def check_quantization(method: Optional[str]) -> None:
+    """Raises ValueError unless method is None or a known quantization name."""
+    if method is not None and method not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {method!r}: use one of {', '.join(QUANTIZATIONS)} (or none)")
+
+
 def quantize(model: Transformer, method: Optional[str]) -> Transformer:
     """Applies a quantization by name ("int8"), or nothing for None; returns the model."""
     if method is None:
         return model
-    if method not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {method!r}: use one of {', '.join(QUANTIZATIONS)}")
+    check_quantization(method)
     if any(type(m).__module__.startswith("fairscale") for m in model.modules()):
         raise ValueError("int8 quantization needs model_parallel_size=1 (plain nn.Linear layers)")
     return quantize_int8(model)

@@ -175,6 +175,27 @@ def test_outputs_match_the_api_and_txt_input(tiny_checkpoints, tmp_path, capsys)
     assert "0 done, 4 already done" in capsys.readouterr().err
 
 
+def test_compile_flag_gives_the_eager_outputs(tiny_checkpoints, tmp_path):
+    _, ckpt = tiny_checkpoints["gqa"]
+    p = tmp_path / "p.jsonl"
+    write_prompts(p, 6, dialogs=False)
+    run_main(args(ckpt, p, tmp_path / "eager.jsonl", max_batch_size=3))
+    run_main(args(ckpt, p, tmp_path / "fast.jsonl", "--compile", max_batch_size=3))
+    assert load(tmp_path / "fast.jsonl") == load(tmp_path / "eager.jsonl")
+
+
+def test_unknown_quantization_fails_before_anything_is_loaded(tmp_path, monkeypatch, capsys):
+    from llama_gen import generation
+
+    monkeypatch.setattr(generation.Llama, "build", lambda *a, **k: pytest.fail("loaded a model"))
+    p = tmp_path / "p.txt"
+    p.write_text("hello\n")
+    with pytest.raises(SystemExit) as exit_info:
+        batch.main(str(p), quantize="int4")
+    assert exit_info.value.code == 2 and "unknown quantization 'int4': use one of int8" in capsys.readouterr().err
+    assert not (tmp_path / "p.out.jsonl").exists()
+
+
 def test_kill_9_then_rerun_gives_each_id_exactly_once(tiny_checkpoints, tmp_path):
     _, ckpt = tiny_checkpoints["gqa"]
     write_prompts(tmp_path / "p.jsonl", 200, seed=1)

@@ -65,6 +65,18 @@ def test_compiled_greedy_equals_eager(tiny_checkpoints):
     assert torch.allclose(torch.tensor(a[0]["logprobs"]), torch.tensor(b[0]["logprobs"]), atol=1e-4)
 
 
+def test_generations_of_other_lengths_reuse_the_compiled_graphs(tiny_checkpoints):
+    from torch._dynamo.utils import counters
+
+    _, ckpt = tiny_checkpoints["gqa"]
+    fast = build(ckpt, compile=True, max_batch_size=2)
+    fast.fast_forward.warm_up((1, 2), max_pos=60)
+    compiled = counters["stats"]["unique_graphs"]
+    for prompts, n in [(PROMPTS[:2], 5), (PROMPTS[:2], 9), (PROMPTS[:1], 7), (PROMPTS[1:3], 11)]:
+        fast.generate(prompts, max_gen_len=n, temperature=0)
+    assert counters["stats"]["unique_graphs"] == compiled  # token columns of any stride, any length: no recompile
+
+
 def test_quantize_rows_round_trip():
     torch.manual_seed(0)
     w = torch.randn(64, 96)
