@@ -61,7 +61,7 @@ def fuse_projections(model: Transformer) -> Transformer:
         if ff.w13 is None:
             ff.w13 = fused_linear([ff.w1, ff.w3])
             del ff.w1, ff.w3
-    release_freed_memory()
+        release_freed_memory()  # this layer's unfused weights, before the next layer's fused copies
     return model
 
 

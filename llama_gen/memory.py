@@ -2,6 +2,7 @@
 
 import ctypes
 import mmap
+from typing import Callable
 
 import torch
 
@@ -53,3 +54,21 @@ def convert_weights(state: dict[str, torch.Tensor], dtype: torch.dtype,
         del source
     release_freed_memory()
     return converted
+
+
+def replace_modules(model: torch.nn.Module, select: Callable[[torch.nn.Module], bool],
+                    replace: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+    """Replaces, in place and one at a time, every submodule ``m`` with ``select(m)`` by ``replace(m)``.
+
+    Each old module's memory is handed back before the next replacement is built (its memory-mapped pages
+    dropped, its freed heap returned), so converting a model never holds two copies of its weights.
+    """
+    targets = [(parent, name) for parent in model.modules()
+               for name, child in parent.named_children() if select(child)]
+    for parent, name in targets:
+        old = getattr(parent, name)
+        setattr(parent, name, replace(old))
+        for tensor in [*old.parameters(), *old.buffers()]:
+            release_pages(tensor)
+        del old
+        release_freed_memory()

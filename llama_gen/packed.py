@@ -16,7 +16,7 @@ import weakref
 import torch
 from torch import nn
 
-from llama_gen.memory import release_pages
+from llama_gen.memory import replace_modules
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -52,12 +52,6 @@ class PackedLinear(nn.Module):
         self.key = next(_keys)
         _weights[self.key] = weakref.ref(self.packed, lambda _, key=self.key: _weights.pop(key, None))
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, batch_size: int) -> "PackedLinear":
-        packed = cls(linear.weight, batch_size)
-        release_pages(linear.weight)
-        return packed
-
     def nbytes(self) -> int:
         """Bytes of the packed weight (it is not a parameter or buffer, so ``parameters()`` does not see it)."""
         return self.packed.numel() * self.packed.element_size()
@@ -71,8 +65,6 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module, batch_size: int) -> nn.Module:
     """Replaces every plain CPU float32/bf16 ``nn.Linear`` (no bias) by a PackedLinear in place; returns the model."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.bias is None and can_pack(child.weight):
-                setattr(parent, name, PackedLinear.from_linear(child, batch_size))
+    replace_modules(model, lambda m: type(m) is nn.Linear and m.bias is None and can_pack(m.weight),
+                    lambda m: PackedLinear(m.weight, batch_size))
     return model

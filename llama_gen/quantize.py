@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_gen.memory import release_freed_memory, release_pages
+from llama_gen.memory import replace_modules
 from llama_gen.model import Transformer
 
 QUANTIZATIONS = ("int8",)
@@ -91,16 +91,9 @@ def quantize_int8(model: Transformer, dtype: Optional[torch.dtype] = None) -> Tr
     weights, rotary table and KV cache are untouched.
     """
     dtype = dtype or model.norm.weight.dtype
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, Int8Linear.from_linear(child, dtype))
-            elif type(child) is nn.Embedding:
-                setattr(parent, name, Int8Embedding.from_embedding(child, dtype))
-            else:
-                continue
-            release_pages(child.weight)
-            release_freed_memory()  # the float temporaries, before they pile up between int8 weights
+    replace_modules(model, lambda m: type(m) in (nn.Linear, nn.Embedding),
+                    lambda m: (Int8Linear.from_linear(m, dtype) if type(m) is nn.Linear
+                               else Int8Embedding.from_embedding(m, dtype)))
     return model
 
 
