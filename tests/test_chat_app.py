@@ -15,6 +15,11 @@ from llama_gen import chat_app
 from llama_gen.chat_app import ChatSession, StopOnInterrupt, chat_loop
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def default_sigint() -> None:
+    """Run in the spawned chat before exec: Ctrl-C works even if this test run inherited SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 STATS = re.compile(r"\[(\d+) tokens, (\d+) prompt tokens, first token [\d.]+ s, [\d.]+ tok/s\]")
 
 
@@ -122,14 +127,19 @@ def test_reserved_tags_are_reported_not_fatal(tiny_llama):
 
 
 def test_first_sigint_requests_stop_second_raises():
-    with StopOnInterrupt() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        assert stop.requested
-        with pytest.raises(KeyboardInterrupt):
+    # Start from Python's own handler even when the runner inherited SIGINT ignored (as background jobs do).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopOnInterrupt() as stop:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert stop.requested
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -207,7 +217,7 @@ def test_terminal_chat_streams_resets_interrupts_and_exits():
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, ["scripts/chat.py", "--temperature", "0", "--max_gen_len", "16",
                                            "--max_seq_len", "512"], cwd=str(REPO), env=ENV, encoding="utf-8",
-                          timeout=120, dimensions=(50, 300))
+                          timeout=120, dimensions=(50, 300), preexec_fn=default_sigint)
     log = TimedLog()
     child.logfile_read = log
     turns = []
@@ -246,7 +256,8 @@ def test_terminal_chat_streams_resets_interrupts_and_exits():
 @pytest.mark.real_model
 def test_ctrl_c_at_the_prompt_exits_cleanly():
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["scripts/chat.py"], cwd=str(REPO), env=ENV, encoding="utf-8", timeout=60)
+    child = pexpect.spawn(sys.executable, ["scripts/chat.py"], cwd=str(REPO), env=ENV, encoding="utf-8", timeout=60,
+                          preexec_fn=default_sigint)
     child.expect_exact("> ")
     child.send("\x03")
     child.expect(pexpect.EOF)
