@@ -214,7 +214,7 @@ def packs_weights(model: Transformer) -> bool:
     """Whether the fast path stores this model's CPU weights oneDNN-packed (see llama_gen.packed).
 
     bf16: always (packed is faster at every batch size). float32: only for a model built for batches
-    (max_batch_size > 1): packed is ~1.4x faster at batch 8 but ~20% slower at batch 1 than MKL's
+    (max_batch_size > 1): packed is ~1.4x faster at batch 8 but ~25% slower at batch 1 than MKL's
     matrix-vector kernel on the plain layout, and one layout has to be chosen at load time.
     """
     dtype = model.norm.weight.dtype
@@ -237,5 +237,4 @@ def prepare(model: Transformer, compile: bool = False, quantize: Optional[str] =
     fuse_projections(model)
     if compile and packs_weights(model):
         pack_linears(model, batch_size=model.args.max_batch_size)
-        release_freed_memory()
     return FastForward(model, compile=compile)

@@ -1,12 +1,22 @@
 """Keeping one copy of the weights in memory while they are converted, fused, packed or quantized at load time."""
 
 import ctypes
+import functools
 import mmap
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (file-backed pages are simply dropped)
+
+
+@functools.cache
+def _libc() -> Optional[ctypes.CDLL]:
+    """The C library of this process, or None where it cannot be loaded."""
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def release_pages(tensor: torch.Tensor) -> None:
@@ -16,11 +26,8 @@ def release_pages(tensor: torch.Tensor) -> None:
     file is unmapped. When a weight is replaced by a fused or quantized copy, dropping its pages keeps the
     peak at one copy of the weights. Data is never changed: anonymous pages without swap are left in place.
     """
-    if tensor.device.type != "cpu" or tensor.numel() == 0:
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
+    libc = _libc()
+    if libc is None or tensor.device.type != "cpu" or tensor.numel() == 0:
         return
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
@@ -31,10 +38,9 @@ def release_pages(tensor: torch.Tensor) -> None:
 
 def release_freed_memory() -> None:
     """Returns memory freed by the C allocator to the OS (glibc keeps freed heap pages resident otherwise)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = getattr(_libc(), "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 def convert_weights(state: dict[str, torch.Tensor], dtype: torch.dtype,

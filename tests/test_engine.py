@@ -23,6 +23,13 @@ def build(ckpt, **kwargs) -> Llama:
     return Llama.build(ckpt, tokenizer_path=str(LLAMA2_TOKENIZER), **kwargs)
 
 
+def stepwise_logits(forward, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits of a prefill of prompt_len tokens, then one token at a time."""
+    steps = [forward(tokens[:, :prompt_len], 0)]
+    steps += [forward(tokens[:, i:i + 1], i) for i in range(prompt_len, tokens.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 def test_logits_match_transformers(tiny_checkpoints, name):
     hf, ckpt = tiny_checkpoints[name]
@@ -34,8 +41,7 @@ def test_logits_match_transformers(tiny_checkpoints, name):
     full = llama.model.forward(tokens, 0)
     assert (full - expected).abs().max().item() <= 1e-4
     # Prefill then one token at a time through the KV cache gives the same logits.
-    steps = [llama.model.forward(tokens[:, :40], 0)] + [llama.model.forward(tokens[:, i:i + 1], i) for i in range(40, 90)]
-    assert (torch.cat(steps, dim=1) - expected).abs().max().item() <= 1e-4
+    assert (stepwise_logits(llama.model.forward, tokens, 40) - expected).abs().max().item() <= 1e-4
 
 
 def test_echo_logprobs_match_transformers_log_softmax(tiny_llama):

@@ -3,25 +3,13 @@
 import pytest
 import torch
 
-from conftest import LLAMA2_TOKENIZER, TINY_CONFIGS
+from conftest import TINY_CONFIGS
 from llama_gen import Llama
 from llama_gen.fast import FastForward, attention_window, fuse_projections
 from llama_gen.memory import convert_weights, release_pages
 from llama_gen.packed import PackedLinear, pack_linears
-from llama_gen.quantize import Int8Linear, quantize, quantize_rows
-from test_engine import PROMPTS
-
-
-def build(ckpt, **kwargs) -> Llama:
-    kwargs = {"max_seq_len": 128, "max_batch_size": 4, "device": "cpu", "dtype": "float32", **kwargs}
-    return Llama.build(ckpt, tokenizer_path=str(LLAMA2_TOKENIZER), **kwargs)
-
-
-def stepwise_logits(forward, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Logits of a prefill of prompt_len tokens, then one token at a time."""
-    steps = [forward(tokens[:, :prompt_len], 0)]
-    steps += [forward(tokens[:, i:i + 1], i) for i in range(prompt_len, tokens.shape[1])]
-    return torch.cat(steps, dim=1)
+from llama_gen.quantize import Int8Linear, quantize_rows
+from test_engine import PROMPTS, build, stepwise_logits
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
