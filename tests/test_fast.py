@@ -78,12 +78,13 @@ def test_int8_linear_matches_dequantized_weight():
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40, bias=False)
     int8 = Int8Linear.from_linear(linear, torch.float32)
-    x = torch.randn(2, 5, 96)
-    reference = torch.nn.functional.linear(x, int8.weight.float() * int8.scales[:, None])
-    # the CPU kernel takes bf16 activations: about bf16 precision
-    assert torch.allclose(int8(x), reference, rtol=2e-2, atol=2e-2)
     fused = Int8Linear.concat([int8, int8])
-    assert torch.equal(fused(x), torch.cat([int8(x), int8(x)], dim=-1))
+    for rows in (5, 40):  # a decode step's few rows (the int8 kernel) and a prompt's many (bf16 matmul)
+        x = torch.randn(2, rows, 96)
+        reference = torch.nn.functional.linear(x, int8.weight.float() * int8.scales[:, None])
+        # both CPU paths take bf16 activations: about bf16 precision
+        assert torch.allclose(int8(x), reference, rtol=2e-2, atol=2e-2)
+        assert torch.equal(fused(x), torch.cat([int8(x), int8(x)], dim=-1))
 
 
 def test_int8_model_close_to_fp32(tiny_checkpoints):
