@@ -5,8 +5,10 @@ The eager ``Transformer.forward`` stays the reference. This module only adds:
 * ``fuse_projections``: wq/wk/wv -> one ``wqkv`` matmul and w1/w3 -> one ``w13`` matmul, done after the
   checkpoint is loaded (the checkpoint format does not change).
 * ``decode_step``: one new token per sequence at a position given as a tensor. The KV cache is written with
-  ``index_put_`` and attention runs over a fixed-size window of the cache with a mask row taken from a
-  precomputed causal mask, so every shape is static and the step compiles to a single graph (gpt-fast style).
+  ``index_put_`` and attention runs over a window of the cache (the first ``window`` positions) with a mask row
+  taken from a precomputed causal mask, so the step compiles to a single graph (gpt-fast style). On CPU the
+  window is pos + 1 rounded up to 16 and a dynamic dimension of that one graph; with CUDA graphs, whose every
+  shape is recorded separately, windows are powers of two and each is a static graph.
 * ``FastForward``: a drop-in for ``model.forward`` that runs the prompt (several tokens) eagerly and every
   single-token step through the (optionally compiled) ``decode_step``.
 """
@@ -24,7 +26,8 @@ from llama_gen.packed import pack_linears
 from llama_gen.quantize import Int8Linear
 from llama_gen.quantize import quantize as quantize_model
 
-MIN_WINDOW = 64  # smallest attention window over the cache (windows are powers of two up to max_seq_len)
+MIN_WINDOW = 64  # static windows (CUDA graphs): powers of two from this up to max_seq_len
+WINDOW_STEP = 16  # dynamic windows (otherwise): multiples of this
 
 
 # ---- fused projections ---------------------------------------------------------------------------------
@@ -73,12 +76,15 @@ def causal_mask(max_seq_len: int, device: torch.device) -> torch.Tensor:
     return torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
 
 
-def attention_window(pos: int, max_seq_len: int) -> int:
-    """Returns how many cache positions a step at ``pos`` attends over: a power of two >= pos + 1.
+def attention_window(pos: int, max_seq_len: int, static: bool = False) -> int:
+    """Returns how many cache positions a step at ``pos`` attends over (at most max_seq_len).
 
-    A few fixed window sizes keep shapes static (one compiled graph each) without reading the whole cache
-    on every step of a short generation.
+    Dynamic windows: pos + 1 rounded up to a multiple of WINDOW_STEP, so a step reads little more of the cache
+    than it uses. Static windows (each one its own graph): a power of two >= pos + 1, from MIN_WINDOW, so a
+    few graphs cover every position.
     """
+    if not static:
+        return min(-(-(pos + 1) // WINDOW_STEP) * WINDOW_STEP, max_seq_len)
     window = MIN_WINDOW
     while window < pos + 1:
         window *= 2
@@ -115,15 +121,17 @@ def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     return out.reshape(bsz, 1, n_heads * head_dim).type_as(q)
 
 
-def decode_step(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
-                window: int) -> torch.Tensor:
+def decode_step(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor,
+                mask_columns: torch.Tensor) -> torch.Tensor:
     """Returns float32 logits ``[b, 1, vocab]`` for tokens ``[b, 1]`` at position ``input_pos`` ``[1]``.
 
-    ``mask`` is the full causal mask; only its row ``input_pos`` (first ``window`` columns) is used.
+    ``mask_columns`` is the causal mask's first ``window`` columns (``[max_seq_len, window]``): its width is the
+    attention window, its row ``input_pos`` the mask.
     """
+    window = mask_columns.shape[1]
     h = model.tok_embeddings(tokens)
     rope = model.rope[input_pos]
-    mask_row = mask[input_pos, :window]
+    mask_row = mask_columns[input_pos]
     for layer in model.layers:
         h = h + attention_step(layer.attention, layer.attention_norm(h), input_pos, rope, mask_row, window)
         h = h + layer.feed_forward(layer.ffn_norm(h))
@@ -144,8 +152,9 @@ def default_compile_mode(device: torch.device) -> Optional[str]:
 class FastForward:
     """Drop-in for ``model.forward(tokens, start_pos)``: prompts run eagerly, single tokens via decode_step.
 
-    With ``compile=True`` the decode step is compiled with ``torch.compile(fullgraph=True)``: one graph per
-    batch size and attention window, built on first use. ``compile_seconds`` records those first calls
+    With ``compile=True`` the decode step is compiled with ``torch.compile(fullgraph=True)`` on first use: one
+    graph per batch size (the window is a dynamic dimension; a window of the whole cache gets its own graph),
+    or with CUDA graphs one per batch size and static window. ``compile_seconds`` records those first calls
     (compilation plus one step) apart from steady-state decoding.
     """
 
@@ -166,7 +175,8 @@ class FastForward:
             self.cuda_graphs = mode == "reduce-overhead"
             self.step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode,
                                       options=options if mode is None else None)
-        self.compile_seconds: dict[tuple[int, int], float] = {}  # (batch size, window) -> first call
+        self.static_windows = self.cuda_graphs
+        self.compile_seconds: dict[tuple[int, int], float] = {}  # graph_key(batch size, window) -> first call
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
@@ -174,17 +184,29 @@ class FastForward:
         bsz, seqlen = tokens.shape
         if seqlen > 1 or start_pos >= self.model.args.max_seq_len or bsz > self.model.args.max_batch_size:
             return self.model.forward(tokens, start_pos, last_only=last_only)  # prompts (and its error messages)
-        return self._decode(tokens, start_pos, attention_window(start_pos, self.model.args.max_seq_len))
+        return self._decode(tokens, start_pos, self.window(start_pos))
+
+    def window(self, pos: int) -> int:
+        """Returns the attention window a step at ``pos`` uses."""
+        return attention_window(pos, self.model.args.max_seq_len, static=self.static_windows)
+
+    def graph_key(self, bsz: int, window: int) -> tuple[int, int]:
+        """Returns (batch size, window) for a static window, else (batch size, 0) for the dynamic-window graph;
+        a window of the whole cache is always its own graph (the compiler specializes the whole cache's layout)."""
+        return (bsz, window) if self.static_windows or window == self.model.args.max_seq_len else (bsz, 0)
 
     def _decode(self, tokens: torch.Tensor, pos: int, window: int) -> torch.Tensor:
         input_pos = self.positions[pos: pos + 1].clone()  # a device tensor: no recompilation per position
         # A fresh [b, 1] copy: a column of generate's token matrix has a stride that changes with the
         # generation's length, and the compiled step is specialized on strides (it would recompile).
         tokens = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device).copy_(tokens)
-        key = (tokens.shape[0], window)
+        mask_columns = self.mask[:, :window]
+        if not self.static_windows:
+            torch._dynamo.maybe_mark_dynamic(mask_columns, 1)
+        key = self.graph_key(tokens.shape[0], window)
         first = self.compiled and key not in self.compile_seconds
         start = time.perf_counter()
-        logits = self.step(self.model, tokens, input_pos, self.mask, window)
+        logits = self.step(self.model, tokens, input_pos, mask_columns)
         if first:
             self.compile_seconds[key] = time.perf_counter() - start
             free_compiler_memory()
@@ -192,7 +214,7 @@ class FastForward:
 
     @torch.inference_mode()
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,), max_pos: Optional[int] = None) -> float:
-        """Compiles the decode step for these batch sizes and every window up to max_pos; returns seconds.
+        """Compiles the decode step for these batch sizes and every graph up to max_pos needs; returns seconds.
 
         Writes only cache position 0, which every generation overwrites with its first prompt token.
         """
@@ -201,11 +223,11 @@ class FastForward:
         start = time.perf_counter()
         max_seq_len = self.model.args.max_seq_len
         last = max_seq_len - 1 if max_pos is None else min(max_pos, max_seq_len - 1)
-        windows = sorted({attention_window(pos, max_seq_len) for pos in range(last + 1)})
+        windows = sorted({self.window(pos) for pos in range(last + 1)})
         for bsz in batch_sizes:
             tokens = torch.zeros(bsz, 1, dtype=torch.long, device=self.positions.device)
             for window in windows:
-                if (bsz, window) not in self.compile_seconds:
+                if self.graph_key(bsz, window) not in self.compile_seconds:
                     self._decode(tokens, 0, window)  # position 0, attending over `window` positions
         return time.perf_counter() - start
 
