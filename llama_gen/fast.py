@@ -201,7 +201,7 @@ class FastForward:
         # generation's length, and the compiled step is specialized on strides (it would recompile).
         tokens = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device).copy_(tokens)
         mask_columns = self.mask[:, :window]
-        if not self.static_windows:
+        if self.compiled and not self.static_windows:
             torch._dynamo.maybe_mark_dynamic(mask_columns, 1)
         key = self.graph_key(tokens.shape[0], window)
         first = self.compiled and key not in self.compile_seconds

@@ -4,6 +4,7 @@ Compatible with Meta's Llama 2 reference (same names, arguments and return types
 controls, stop strings, per-call seeds, batching beyond ``max_batch_size`` and exact streaming.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -528,5 +529,19 @@ class Llama:
 def build_model(args: ModelArgs, mp_size: int) -> Transformer:
     """Returns the model on the meta device (no weights allocated, fairscale layers included under model
     parallel); load real weights with ``load_state_dict(..., assign=True)``."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():
         return Transformer(args)
+
+
+@contextlib.contextmanager
+def _no_random_init() -> Iterator[None]:
+    """Builds nn.Linear and nn.Embedding without their random init. The checkpoint replaces those weights, and
+    on the meta device the init functions import torch._dynamo (74 MiB resident) for nothing."""
+    saved = {cls: cls.reset_parameters for cls in (torch.nn.Linear, torch.nn.Embedding)}
+    for cls in saved:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, reset in saved.items():
+            cls.reset_parameters = reset

@@ -158,3 +158,22 @@ def test_default_model_fast_path_greedy_equals_eager():
     llama.fast_forward = FastForward(llama.model, compile=False)
     got, _ = llama.generate(prompts, max_gen_len=24, temperature=0)
     assert got == expected
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_eager_decoding_never_imports_the_compiler(tiny_checkpoints, quantize):
+    # torch._dynamo costs ~74 MiB resident; without compile=True nothing needs it (a fresh process: this one has it)
+    import subprocess
+    import sys
+
+    from conftest import LLAMA2_TOKENIZER
+
+    _, ckpt = tiny_checkpoints["gqa"]
+    code = (f"import sys; from llama_gen import Llama; "
+            f"llama = Llama.build({str(ckpt)!r}, tokenizer_path={str(LLAMA2_TOKENIZER)!r}, max_seq_len=64, "
+            f"max_batch_size=2, device='cpu', quantize={quantize!r}); "
+            f"llama.text_completion(['Hello', 'A longer prompt'], max_gen_len=4, temperature=0.7, logprobs=True); "
+            f"print('torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"
