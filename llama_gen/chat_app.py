@@ -318,6 +318,9 @@ def main(
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
+    if llama.fast_forward is not None and llama.fast_forward.compiled:
+        channel.dim("(compiling the decode step once for this run; cached on disk, so the next run is faster)")
+        channel.dim(f"(compiled in {llama.fast_forward.warm_up((1,), max_pos=0):.1f} s)")
     session = ChatSession(llama, max_gen_len, None if system is None else str(system), chat_format, **sampling)
     channel.say(f"(chat format {session.fmt.name}, max_seq_len={max_seq_len}, max_gen_len={max_gen_len}; "
                 "/help for commands, Ctrl-D to quit)")

@@ -167,6 +167,20 @@ def chat_cmd(ckpt, *extra):
             "--max_seq_len", "128", "--max_gen_len", "12", "--temperature", "0", "--show_stats", "False", *extra]
 
 
+def test_compile_flag_compiles_before_the_first_prompt_and_replies_as_eager(tiny_checkpoints):
+    _, ckpt = tiny_checkpoints["gqa"]
+
+    def chat(*extra):
+        done = subprocess.run([sys.executable, *chat_cmd(ckpt, *extra)], input="Hello there\n/exit\n", cwd=str(REPO),
+                              env=ENV, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    eager, fast = chat(), chat("--compile")
+    assert fast[0].startswith("(compiling the decode step") and re.fullmatch(r"\(compiled in [\d.]+ s\)", fast[1])
+    assert fast[2:] == eager and len(eager) >= 3  # header, the reply, then the prompt for /exit
+
+
 @pytest.mark.multiprocess
 def test_torchrun_model_parallel_chat_matches_one_process(tiny_checkpoints):
     _, ckpt = tiny_checkpoints["mha"]  # 4 heads: splits over 2 ranks
