@@ -175,7 +175,6 @@ class FastForward:
             self.cuda_graphs = mode == "reduce-overhead"
             self.step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode,
                                       options=options if mode is None else None)
-        self.static_windows = self.cuda_graphs
         self.compile_seconds: dict[tuple[int, int], float] = {}  # graph_key(batch size, window) -> first call
 
     @torch.inference_mode()
@@ -185,6 +184,11 @@ class FastForward:
         if seqlen > 1 or start_pos >= self.model.args.max_seq_len or bsz > self.model.args.max_batch_size:
             return self.model.forward(tokens, start_pos, last_only=last_only)  # prompts (and its error messages)
         return self._decode(tokens, start_pos, self.window(start_pos))
+
+    @property
+    def static_windows(self) -> bool:
+        """CUDA graphs record every shape separately: their windows are a few static sizes, not a dynamic one."""
+        return self.cuda_graphs
 
     def window(self, pos: int) -> int:
         """Returns the attention window a step at ``pos`` uses."""
