@@ -463,8 +463,6 @@ def main(
         lock.close()
         print(f"{path}: {written} done, {n_already} already done, {len(bad)} skipped (malformed), "
               f"{failed} failed -> {out} ({time.time() - start:.1f} s)", file=sys.stderr)
-    if dist.is_available() and dist.is_initialized():
-        barrier()
-        dist.destroy_process_group()
+    parallel.shutdown_distributed()
     if failed:
         sys.exit(1)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from llama_gen.chat_format import ChatFormat, Dialog, Message, get_chat_format
 from llama_gen.cli import friendly_errors
 from llama_gen.generation import LIBRARY_DEFAULTS, Llama, StreamChunk
+from llama_gen.parallel import shutdown_distributed
 from llama_gen.quantize import check_quantization
 from llama_gen.sampling import SamplingParams
 
@@ -325,6 +326,4 @@ def main(
     channel.say(f"(chat format {session.fmt.name}, max_seq_len={max_seq_len}, max_gen_len={max_gen_len}; "
                 "/help for commands, Ctrl-D to quit)")
     chat_loop(session, channel, show_stats and not quiet_stats)
-    if channel.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown_distributed()

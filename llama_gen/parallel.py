@@ -7,6 +7,7 @@ model-parallel size form data-parallel groups (fairscale's ``initialize_model_pa
 """
 
 import contextlib
+import gc
 import io
 import os
 from datetime import timedelta
@@ -89,6 +90,25 @@ def init_distributed(model_parallel_size: Optional[int], device: torch.device) -
             f"not {model_parallel_size}: use the same model_parallel_size for every model in one process"
         )
     return model_parallel_size
+
+
+def shutdown_distributed() -> None:
+    """Waits for every rank, then ends fairscale's groups and the process group (no-op without one).
+
+    fairscale keeps its model/data-parallel groups in module globals; dropping them here, while the interpreter
+    is fully alive, matters: left for interpreter exit, their gloo threads were torn down out of order and a
+    rank occasionally died with "terminate called without an active exception" (SIGABRT) after finishing
+    its work (seen ~1 run in 20 on a loaded 2-core machine).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    dist.destroy_process_group()
+    gc.collect()  # the dropped groups go now, not at interpreter exit
 
 
 def _keep(weight: torch.Tensor) -> torch.Tensor:
