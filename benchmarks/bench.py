@@ -82,8 +82,12 @@ def run_worker(cfg: dict) -> dict:
         assert all(len(o) == new for o in outputs), [len(o) for o in outputs]
         first = median_time(lambda: engine.generate(prompts, 1), runs)
         full = median_time(lambda: engine.generate(prompts, new), runs)
-        result["decode"][str(bsz)] = {"tps": bsz * (new - 1) / (full - first), "t_first_s": first,
-                                      "t_full_s": full, "tokens": outputs[0]}
+        # Decode speed excludes the prompt: (full - first token) time. With very few new tokens on a noisy
+        # machine that difference can vanish; the table then shows "—" rather than a meaningless rate.
+        tps = bsz * (new - 1) / (full - first) if full > first else None
+        if tps is None:
+            print(f"{engine.name} b{bsz}: decode time below timing noise (use more --new-tokens)", file=sys.stderr)
+        result["decode"][str(bsz)] = {"tps": tps, "t_first_s": first, "t_full_s": full, "tokens": outputs[0]}
 
     if device.startswith("cuda"):
         result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
