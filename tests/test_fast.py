@@ -1,9 +1,12 @@
 """The fast path (fused projections, static-shape decode step, torch.compile, int8 weights) against the eager path."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import TINY_CONFIGS
+from conftest import LLAMA2_TOKENIZER, TINY_CONFIGS
 from llama_gen import Llama
 from llama_gen.fast import FastForward, attention_window, fuse_projections
 from llama_gen.memory import convert_weights, release_pages
@@ -163,11 +166,6 @@ def test_default_model_fast_path_greedy_equals_eager():
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_eager_decoding_never_imports_the_compiler(tiny_checkpoints, quantize):
     # torch._dynamo costs ~74 MiB resident; without compile=True nothing needs it (a fresh process: this one has it)
-    import subprocess
-    import sys
-
-    from conftest import LLAMA2_TOKENIZER
-
     _, ckpt = tiny_checkpoints["gqa"]
     code = (f"import sys; from llama_gen import Llama; "
             f"llama = Llama.build({str(ckpt)!r}, tokenizer_path={str(LLAMA2_TOKENIZER)!r}, max_seq_len=64, "
