@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from llama_gen.cpu import has_native_bf16_matmul, mkl_gemv_is_fastest
 from llama_gen.model import Attention, Transformer
 from llama_gen.memory import release_freed_memory, release_pages
 from llama_gen.packed import pack_linears
@@ -237,14 +238,17 @@ class FastForward:
 
 
 def packs_weights(model: Transformer) -> bool:
-    """Whether the fast path stores this model's CPU weights oneDNN-packed (see llama_gen.packed).
+    """Whether the fast path stores this model's CPU weights oneDNN-packed (see llama_gen.packed, llama_gen.cpu).
 
-    bf16: always (packed is faster at every batch size). float32: only for a model built for batches
-    (max_batch_size > 1): packed is ~1.4x faster at batch 8 but ~25% slower at batch 1 than MKL's
-    matrix-vector kernel on the plain layout, and one layout has to be chosen at load time.
+    bf16: where the CPU has native bf16 matmuls (packed is faster at every batch size; without them bf16
+    cannot be packed). float32: for a model built for batches (packed is ~1.4x faster at batch 8), and at
+    batch 1 too except on Intel CPUs, where MKL's matrix-vector kernel on the plain layout is ~25% faster.
+    One layout has to be chosen at load time.
     """
     dtype = model.norm.weight.dtype
-    return dtype == torch.bfloat16 or (dtype == torch.float32 and model.args.max_batch_size > 1)
+    if dtype == torch.bfloat16:
+        return has_native_bf16_matmul()
+    return dtype == torch.float32 and (model.args.max_batch_size > 1 or not mkl_gemv_is_fastest())
 
 
 def prepare(model: Transformer, compile: bool = False, quantize: Optional[str] = None) -> Optional[FastForward]:

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, TypedDict, Union
@@ -20,6 +21,7 @@ from llama_gen import parallel
 from llama_gen.chat_format import ChatFormat, ChatMLFormat, Dialog, Message, default_chat_format, get_chat_format
 from llama_gen.checkpoint import (check_shapes, kv_replication, load_state_dict, read_params,
                                   validate_parallel)
+from llama_gen.cpu import has_native_bf16_matmul
 from llama_gen.memory import convert_weights
 from llama_gen.model import ModelArgs, Transformer
 from llama_gen.quantize import check_quantization
@@ -133,13 +135,17 @@ class Llama:
         over ``model_parallel_size`` processes (default: all of them). ``quantize="int8"`` stores weights as
         int8 with per-channel scales; ``compile=True`` decodes with a ``torch.compile``d static-shape step
         (see llama_gen/fast.py). Either one also fuses the q/k/v and w1/w3 projections (without model parallel);
-        ``compile`` on CPU also stores bf16 weights (float32 ones when max_batch_size > 1) oneDNN-packed.
+        ``compile`` on CPU also stores weights oneDNN-packed where that is faster (llama_gen.fast.packs_weights).
         """
         if max_seq_len < 2 or max_batch_size < 1:
             raise ValueError(f"need max_seq_len >= 2 and max_batch_size >= 1, got {max_seq_len} and {max_batch_size}")
         check_quantization(quantize)
         device = torch.device(device) if device is not None else default_device()
         dtype = resolve_dtype(dtype, device)
+        if device.type == "cpu" and dtype == torch.bfloat16 and not has_native_bf16_matmul():
+            warnings.warn("this CPU has no native bf16 matmuls (it lacks AVX512): bf16 runs several times slower "
+                          "than float32 beyond one row (prompts, batches); dtype='float32' is faster here",
+                          stacklevel=2)
         if ckpt_dir is None:
             from llama_gen.convert import ensure_default_model
 

@@ -16,6 +16,7 @@ import weakref
 import torch
 from torch import nn
 
+from llama_gen.cpu import has_native_bf16_matmul
 from llama_gen.memory import replace_modules
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -44,9 +45,11 @@ torch.library.register_fake("llama_gen::packed_linear", _packed_linear_shape, li
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """True when this weight can be packed: a CPU float32/bf16 matrix, with PyTorch built with oneDNN."""
+    """True when this weight can be packed: a CPU float32 matrix with PyTorch built with oneDNN, or a bf16 one
+    on a CPU with native bf16 matmuls."""
     return (weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES and weight.dim() == 2
-            and torch.backends.mkldnn.is_available())
+            and torch.backends.mkldnn.is_available()
+            and (weight.dtype != torch.bfloat16 or has_native_bf16_matmul()))
 
 
 class PackedLinear(nn.Module):

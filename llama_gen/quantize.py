@@ -3,8 +3,9 @@
 Each weight row ``w[n, :]`` is stored as int8 ``q[n, :]`` with one scale ``s[n] = max|w[n, :]| / 127``, so
 ``w ≈ q * s[:, None]``. Activations keep the model's dtype. Matmuls use PyTorch's own kernels: on CPU
 ``torch.ops.aten._weight_int8pack_mm`` (fed bf16 activations: its float32 variant is not vectorized) for the few
-rows of a decode step, and for prompts (many rows) the int8 weight converted to bf16 once and bf16's matmul
-(measured ~9x faster at 512 rows: the int8 kernel's cost grows with every row); elsewhere
+rows of a decode step, and for prompts (many rows) the int8 weight converted to bf16 once and bf16's matmul,
+or float32's on a CPU without native bf16 matmuls (llama_gen.cpu) (measured ~9x faster at 512 rows with bf16,
+~2x with float32: the int8 kernel's cost grows with every row); elsewhere
 ``F.linear(x, q.to(x.dtype)) * s`` (the gpt-fast formulation, which ``torch.compile`` fuses into one kernel).
 Weights are quantized one at a time and the float weight's memory-mapped pages are dropped right after, so
 the float and int8 models never coexist in memory.
@@ -16,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama_gen.cpu import matmul_dtype
 from llama_gen.memory import replace_modules
 from llama_gen.model import Transformer
 
 QUANTIZATIONS = ("int8",)
-DEQUANTIZE_MIN_ROWS = 16  # CPU: from this many rows on, bf16 matmul on the converted weight beats the int8 kernel
+DEQUANTIZE_MIN_ROWS = 16  # CPU: from this many rows on, a matmul on the converted weight beats the int8 kernel
 
 def quantize_rows(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (int8 weight, float32 per-row scales) with ``weight ≈ q * scales[:, None]`` (symmetric).
@@ -63,7 +65,8 @@ class Int8Linear(nn.Module):
         # PyTorch's CPU int8 kernel is vectorized for bf16 (and fp16) activations, not for float32.
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if flat.shape[0] >= DEQUANTIZE_MIN_ROWS:
-            out = F.linear(flat, self.weight.to(torch.bfloat16)) * self.scales_bf16  # int8 values are exact in bf16
+            dtype = matmul_dtype()  # int8 values are exact in bf16 and float32
+            out = F.linear(flat.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)
         else:
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales_bf16)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)

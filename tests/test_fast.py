@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from conftest import LLAMA2_TOKENIZER, TINY_CONFIGS
-from llama_gen import Llama
+from llama_gen import Llama, fast
+from llama_gen import quantize as int8_quantize
 from llama_gen.fast import FastForward, attention_window, fuse_projections
 from llama_gen.memory import convert_weights, release_pages
-from llama_gen.packed import PackedLinear, pack_linears
+from llama_gen.model import ModelArgs, Transformer
+from llama_gen.cpu import has_native_bf16_matmul
+from llama_gen.packed import PackedLinear, can_pack, pack_linears
 from llama_gen.quantize import Int8Linear, quantize_rows
 from test_engine import PROMPTS, build, stepwise_logits
 
@@ -76,12 +79,14 @@ def test_quantize_rows_round_trip():
     assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-6).all()
 
 
-def test_int8_linear_matches_dequantized_weight():
+@pytest.mark.parametrize("prompt_dtype", [torch.bfloat16, torch.float32])  # with / without native bf16 matmuls
+def test_int8_linear_matches_dequantized_weight(monkeypatch, prompt_dtype):
+    monkeypatch.setattr(int8_quantize, "matmul_dtype", lambda: prompt_dtype)
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40, bias=False)
     int8 = Int8Linear.from_linear(linear, torch.float32)
     fused = Int8Linear.concat([int8, int8])
-    for rows in (5, 40):  # a decode step's few rows (the int8 kernel) and a prompt's many (bf16 matmul)
+    for rows in (5, 40):  # a decode step's few rows (the int8 kernel) and a prompt's many (a dequantized matmul)
         x = torch.randn(2, rows, 96)
         reference = torch.nn.functional.linear(x, int8.weight.float() * int8.scales[:, None])
         # both CPU paths take bf16 activations: about bf16 precision
@@ -114,6 +119,11 @@ def test_unknown_quantization_is_rejected(tiny_checkpoints):
 def test_packed_linear_matches_f_linear_eager_and_compiled(dtype):
     torch.manual_seed(0)
     weight = torch.randn(96, 64).to(dtype)
+    if dtype == torch.bfloat16 and not has_native_bf16_matmul():  # e.g. an AVX2-only CPU: oneDNN cannot pack bf16
+        assert not can_pack(weight)
+        model = pack_linears(torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False, dtype=dtype)), batch_size=8)
+        assert type(model[0]) is torch.nn.Linear
+        return
     layer = PackedLinear(weight, batch_size=8)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for shape in [(1, 64), (8, 64), (2, 5, 64)]:
@@ -124,6 +134,19 @@ def test_packed_linear_matches_f_linear_eager_and_compiled(dtype):
     compiled = torch.compile(lambda x: torch.relu(layer(x)) + 1, fullgraph=True)  # an opaque op: no graph break
     x = torch.randn(3, 64).to(dtype)
     assert torch.allclose(compiled(x).float(), torch.relu(layer(x)).float() + 1, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("native_bf16, intel, dtype, max_batch, packs", [
+    (True, True, torch.bfloat16, 1, True), (False, False, torch.bfloat16, 8, False),  # bf16: only natively
+    (True, True, torch.float32, 8, True), (True, True, torch.float32, 1, False),  # Intel: MKL's gemv at batch 1
+    (False, False, torch.float32, 1, True), (True, False, torch.float32, 8, True),  # other CPUs: always packed
+])
+def test_packs_weights_follows_the_cpu(monkeypatch, native_bf16, intel, dtype, max_batch, packs):
+    monkeypatch.setattr(fast, "has_native_bf16_matmul", lambda: native_bf16)
+    monkeypatch.setattr(fast, "mkl_gemv_is_fastest", lambda: intel)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, max_batch_size=max_batch, max_seq_len=16)
+    model = Transformer(args).to(dtype)
+    assert fast.packs_weights(model) == packs
 
 
 def test_pack_linears_replaces_plain_layers_and_keeps_outputs():

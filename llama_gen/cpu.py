@@ -1,0 +1,44 @@
+"""What this CPU's matmul kernels do well, for the load-time choices of the fast path.
+
+Two facts differ between the x86 machines we run on, and each flips a choice (measured, benchmarks/RESULTS.md):
+
+* Native bf16 matmuls. oneDNN has them with AVX512 (BW/VL/DQ; AVX512-BF16 and AMX make them fast) or
+  AVX-NE-CONVERT. Without them (an AVX2-only CPU) PyTorch's bf16 matmul falls back to a reference kernel that
+  is 4-8x slower than float32 for more than one row, and bf16 weights cannot be oneDNN-packed at all.
+* MKL's float32 matrix-vector kernel. On Intel CPUs it beats oneDNN's packed kernel at batch 1 (by ~25%);
+  on other vendors MKL takes a generic code path and the packed kernel is ~1.7x faster.
+"""
+
+import functools
+import platform
+
+import torch
+
+
+@functools.cache
+def has_native_bf16_matmul() -> bool:
+    """True when oneDNN runs bf16 matmuls natively on this CPU (and can pack bf16 weights)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """Returns the CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...), or "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def mkl_gemv_is_fastest() -> bool:
+    """True when MKL's float32 kernel on the plain weight layout is the fastest for a single row (Intel x86)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and cpu_vendor() == "GenuineIntel"
+
+
+def matmul_dtype() -> torch.dtype:
+    """The dtype to run a many-row matmul of dequantized int8 weights in: bf16 where it is native, else float32."""
+    return torch.bfloat16 if has_native_bf16_matmul() else torch.float32
