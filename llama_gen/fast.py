@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from llama_gen.cpu import has_native_bf16_matmul, mkl_gemv_is_fastest
+from llama_gen.gemv import use_gemv_linears
 from llama_gen.model import Attention, Transformer
 from llama_gen.memory import release_freed_memory, release_pages
 from llama_gen.packed import pack_linears
@@ -237,25 +238,31 @@ class FastForward:
         return time.perf_counter() - start
 
 
-def packs_weights(model: Transformer) -> bool:
-    """Whether the fast path stores this model's CPU weights oneDNN-packed (see llama_gen.packed, llama_gen.cpu).
+def cpu_weight_layout(model: Transformer) -> str:
+    """How the compiled fast path keeps this model's weights: "packed" (oneDNN-packed, llama_gen.packed), "gemv"
+    (plain, compiled into Inductor's own matrix-vector loops, llama_gen.gemv) or "plain" (library kernels).
 
-    bf16: where the CPU has native bf16 matmuls (packed is faster at every batch size; without them bf16
-    cannot be packed). float32: for a model built for batches (packed is ~1.4x faster at batch 8), and at
-    batch 1 too except on Intel CPUs, where MKL's matrix-vector kernel on the plain layout is ~25% faster.
-    One layout has to be chosen at load time.
+    One layout is chosen at load time, from the dtype, the largest batch and the CPU (llama_gen.cpu):
+    bf16 is packed where the CPU has native bf16 matmuls (faster at every batch size), else gemv (the fallback
+    matmul is scalar; bf16 cannot be packed there). float32 built for batches is packed (~1.8x faster than gemv
+    at batch 8); built for batch 1 it stays plain on Intel CPUs, whose MKL matrix-vector kernel beats the
+    packed one by ~25%, and is gemv elsewhere (~1.3x faster than packed, ~2x faster than MKL's generic path).
     """
     dtype = model.norm.weight.dtype
+    if model.norm.weight.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return "plain"
     if dtype == torch.bfloat16:
-        return has_native_bf16_matmul()
-    return dtype == torch.float32 and (model.args.max_batch_size > 1 or not mkl_gemv_is_fastest())
+        return "packed" if has_native_bf16_matmul() else "gemv"
+    if model.args.max_batch_size > 1:
+        return "packed"
+    return "plain" if mkl_gemv_is_fastest() else "gemv"
 
 
 def prepare(model: Transformer, compile: bool = False, quantize: Optional[str] = None) -> Optional[FastForward]:
     """Applies the load-time speed-ups in place and returns the forward to decode with (None: plain eager).
 
     int8 weights first (each float weight's pages dropped as it is replaced), then fused projections when the
-    layers are plain (not model-parallel), then (CPU, compile) oneDNN-packed weights, then the static-shape
+    layers are plain (not model-parallel), then (CPU, compile) the weight layout of cpu_weight_layout, then the static-shape
     decode step, compiled on first use with ``compile``.
     """
     if quantize is not None:
@@ -265,6 +272,9 @@ def prepare(model: Transformer, compile: bool = False, quantize: Optional[str] =
     if not can_fuse(model):  # model parallel: fairscale's layers and collectives stay eager
         return FastForward(model, compile=False)
     fuse_projections(model)
-    if compile and packs_weights(model):
+    layout = cpu_weight_layout(model) if compile else "plain"
+    if layout == "packed":
         pack_linears(model, batch_size=model.args.max_batch_size)
+    elif layout == "gemv":
+        use_gemv_linears(model)
     return FastForward(model, compile=compile)
