@@ -7,6 +7,9 @@ Two facts differ between the x86 machines we run on, and each flips a choice (me
   is 4-8x slower than float32 for more than one row, and bf16 weights cannot be oneDNN-packed at all.
 * MKL's float32 matrix-vector kernel. On Intel CPUs it beats oneDNN's packed kernel at batch 1 (by ~25%);
   on other vendors MKL takes a generic code path and the packed kernel is ~1.7x faster.
+
+Where neither library kernel reads weights at memory speed, the compiled step uses Inductor's own loops
+(llama_gen.gemv); llama_gen.fast.cpu_weight_layout makes the choice.
 """
 
 import functools

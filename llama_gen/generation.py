@@ -135,7 +135,7 @@ class Llama:
         over ``model_parallel_size`` processes (default: all of them). ``quantize="int8"`` stores weights as
         int8 with per-channel scales; ``compile=True`` decodes with a ``torch.compile``d static-shape step
         (see llama_gen/fast.py). Either one also fuses the q/k/v and w1/w3 projections (without model parallel);
-        ``compile`` on CPU also stores weights oneDNN-packed where that is faster (llama_gen.fast.packs_weights).
+        ``compile`` on CPU also picks the fastest weight layout for the CPU (llama_gen.fast.cpu_weight_layout).
         """
         if max_seq_len < 2 or max_batch_size < 1:
             raise ValueError(f"need max_seq_len >= 2 and max_batch_size >= 1, got {max_seq_len} and {max_batch_size}")

@@ -13,6 +13,7 @@ from llama_gen.fast import FastForward, attention_window, fuse_projections
 from llama_gen.memory import convert_weights, release_pages
 from llama_gen.model import ModelArgs, Transformer
 from llama_gen.cpu import has_native_bf16_matmul
+from llama_gen.gemv import GemvLinear, use_gemv_linears
 from llama_gen.packed import PackedLinear, can_pack, pack_linears
 from llama_gen.quantize import Int8Linear, quantize_rows
 from test_engine import PROMPTS, build, stepwise_logits
@@ -136,17 +137,40 @@ def test_packed_linear_matches_f_linear_eager_and_compiled(dtype):
     assert torch.allclose(compiled(x).float(), torch.relu(layer(x)).float() + 1, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("native_bf16, intel, dtype, max_batch, packs", [
-    (True, True, torch.bfloat16, 1, True), (False, False, torch.bfloat16, 8, False),  # bf16: only natively
-    (True, True, torch.float32, 8, True), (True, True, torch.float32, 1, False),  # Intel: MKL's gemv at batch 1
-    (False, False, torch.float32, 1, True), (True, False, torch.float32, 8, True),  # other CPUs: always packed
+@pytest.mark.parametrize("native_bf16, intel, dtype, max_batch, layout", [
+    (True, True, torch.bfloat16, 1, "packed"), (True, False, torch.bfloat16, 8, "packed"),  # bf16: packed natively,
+    (False, False, torch.bfloat16, 8, "gemv"), (False, False, torch.bfloat16, 1, "gemv"),  # else Inductor's loops
+    (True, True, torch.float32, 8, "packed"), (False, False, torch.float32, 8, "packed"),  # float32 batches: packed
+    (True, True, torch.float32, 1, "plain"), (False, False, torch.float32, 1, "gemv"),  # batch 1: MKL on Intel
+    (True, True, torch.float16, 1, "plain"),
 ])
-def test_packs_weights_follows_the_cpu(monkeypatch, native_bf16, intel, dtype, max_batch, packs):
+def test_cpu_weight_layout_follows_the_cpu(monkeypatch, native_bf16, intel, dtype, max_batch, layout):
     monkeypatch.setattr(fast, "has_native_bf16_matmul", lambda: native_bf16)
     monkeypatch.setattr(fast, "mkl_gemv_is_fastest", lambda: intel)
     args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, max_batch_size=max_batch, max_seq_len=16)
     model = Transformer(args).to(dtype)
-    assert fast.packs_weights(model) == packs
+    assert fast.cpu_weight_layout(model) == layout
+    model.to("meta")  # not a CPU model: library kernels
+    assert fast.cpu_weight_layout(model) == "plain"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_linear_matches_f_linear_eager_and_compiled(dtype):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96, bias=False, dtype=dtype)
+    model = use_gemv_linears(torch.nn.Sequential(layer, torch.nn.Linear(96, 8, bias=True)))
+    assert isinstance(model[0], GemvLinear) and model[0].weight is layer.weight  # shared, not copied
+    assert type(model[1]) is torch.nn.Linear  # bias: left as it is
+    gemv = model[0]
+    compiled = torch.compile(lambda x: torch.relu(gemv(x)) + 1, fullgraph=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for shape in [(1, 64), (8, 1, 64), (2, 4, 64), (20, 64)]:  # 20 rows: past MAX_ROWS, F.linear
+        x = torch.randn(shape).to(dtype)
+        assert torch.equal(gemv(x), torch.nn.functional.linear(x, layer.weight))  # eager: the library kernel
+        expected = torch.relu(torch.nn.functional.linear(x.float(), layer.weight.float())) + 1
+        got = compiled(x)
+        assert got.dtype == dtype and got.shape == (*shape[:-1], 96)
+        assert (got.float() - expected).abs().max().item() <= tol * expected.abs().max().item()
 
 
 def test_pack_linears_replaces_plain_layers_and_keeps_outputs():
