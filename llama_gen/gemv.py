@@ -1,25 +1,84 @@
-"""Linear layers that ``torch.compile`` turns into its own matrix-vector loops, for decoding on CPU.
+"""Matrix products for a few rows that ``torch.compile`` turns into its own loops, for decoding on CPU.
 
 A decode step multiplies every weight by a few rows (one per sequence), so it is limited by how fast the
 weights stream from memory. Where PyTorch's library kernels fall short of that (float32 on non-Intel CPUs,
 where MKL takes a generic path; bf16 on CPUs without native bf16 matmuls, where the fallback kernel is
-scalar), writing the product as a broadcast multiply and sum lets Inductor generate one vectorized loop per
-layer that reads each weight row once, for all rows of the input, accumulating in float32. Measured on an
-AVX2 AMD EPYC (2 threads, all linears of a SmolLM2-135M step): float32, 1 row, 18 ms vs 40 ms (MKL) and
-24 ms (oneDNN-packed); bf16, 1 row, 10 ms vs 16 ms; bf16, 8 rows, 55 ms vs 112 ms (benchmarks/RESULTS.md).
+scalar; int8, whose kernel converts weights slower than memory delivers them on AVX2), writing the product as
+a broadcast multiply and sum lets Inductor generate one vectorized loop per layer that reads each weight
+element once for all rows, accumulating in float32. Measured on an AVX2 AMD EPYC (2 threads, all linears of a
+SmolLM2-135M step, benchmarks/RESULTS.md): float32, 1 row, 18 ms vs 40 ms (MKL) and 24 ms (oneDNN-packed);
+bf16, 8 rows, 42 ms vs 112 ms; int8, 1 row, 9 ms vs 19 ms (``_weight_int8pack_mm``).
 
-Only the compiled decode step takes this form; eager calls and prompts (many rows) use ``F.linear``.
+Only compiled code takes this form; eager calls and prompts (many rows) use the library kernels.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_ROWS = 16  # more rows than this: a matmul kernel does better (the loop reads each weight row once per call)
+MAX_ROWS = 8  # more rows: a matmul kernel does better (and the unrolled loop body grows with every row)
+# int8's loop body is four times longer per row: at 8 rows the default model took 8 minutes to compile (and
+# ran no faster than the int8 kernel); at one row it is 2x faster and compiles in about a minute.
+INT8_MAX_ROWS = 1
+
+
+def uses_loops(x: torch.Tensor, in_features: int, max_rows: int = MAX_ROWS) -> bool:
+    """True when a product of x (``[..., in_features]``) by a weight should be written as loops (see module doc)."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() // in_features <= max_rows
+
+
+def _stored_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x as float32 ``[rows, 1, in_features]``, materialized before the loops that read it.
+
+    The as_strided makes Inductor store x; otherwise it inlines x's producer (an RMSNorm of the residual
+    stream, say) into each loop and recomputes it for every weight row.
+    """
+    flat = x.reshape(-1, in_features).float().contiguous()
+    return torch.as_strided(flat, (flat.shape[0], 1, in_features), (in_features, 0, 1))
+
+
+def _multiply_sum(weights: list[torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Returns ``[rows, out]``: row r is ``sum_i (weights[i] * inputs[i][r]).sum(-1)``.
+
+    One reduction per row over the same loop: Inductor fuses them into one kernel and converts each weight
+    element once for all rows.
+    """
+    outs = []
+    for r in range(inputs[0].shape[0]):
+        acc = weights[0] * inputs[0][r]
+        for w, x in zip(weights[1:], inputs[1:]):
+            acc = acc + w * x[r]
+        outs.append(acc.sum(-1))
+    return torch.stack(outs)
+
+
+def loop_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Returns ``F.linear(x, weight)`` (float32/bf16 weight ``[out, in]``) written as loops, in x's dtype."""
+    out = _multiply_sum([weight.float()], [_stored_rows(x, weight.shape[1])])
+    return out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+def loop_int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Returns ``F.linear(x, weight * scales[:, None])`` for an int8 weight ``[out, in]`` (in divisible by 4),
+    written as loops, in x's dtype.
+
+    The weight is read as 32-bit words of four int8 values (Inductor vectorizes 32-bit loads, not int8 ones)
+    and each value is sign-extended with shifts; x is split into the four matching interleaved columns.
+    """
+    out_features, in_features = weight.shape
+    words = weight.view(torch.float32).view(torch.int32)  # via float32: Inductor then loads full vectors
+    values = [((words << (24 - 8 * b)) >> 24).float() for b in range(3)] + [(words >> 24).float()]
+    flat = x.reshape(-1, in_features).float()
+    rows = flat.shape[0]
+    columns = flat.view(rows, in_features // 4, 4).permute(0, 2, 1).contiguous()  # [rows, byte b, word]
+    columns = torch.as_strided(columns, (rows, 4, 1, in_features // 4), (in_features, in_features // 4, 0, 1))
+    columns = [columns[:, b] for b in range(4)]  # byte b of each word (little endian), stored as in _stored_rows
+    out = _multiply_sum(values, columns) * scales.float()
+    return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 
 class GemvLinear(nn.Module):
-    """A bias-free linear layer (weight ``[out, in]``) compiled as a multiply-and-sum for a few input rows."""
+    """A bias-free linear layer (weight ``[out, in]``) computed by loop_linear in compiled code for a few rows."""
 
     def __init__(self, weight: nn.Parameter):
         super().__init__()
@@ -27,16 +86,9 @@ class GemvLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if not torch.compiler.is_compiling() or rows > MAX_ROWS:
-            return F.linear(x, self.weight)
-        # as_strided makes Inductor store x before the loop; otherwise it inlines x's producer (an RMSNorm of the
-        # residual stream, say) into the loop and recomputes it for every weight row.
-        flat = torch.as_strided(x.float().contiguous(), (1, rows, self.in_features), (0, self.in_features, 1))
-        # [out, rows]: output-major, so the generated loop finishes one weight row for every input row before
-        # moving to the next weight row (the row stays in cache instead of being read `rows` times).
-        out = (self.weight[:, None, :].float() * flat).sum(-1)
-        return out.t().reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        if uses_loops(x, self.in_features):
+            return loop_linear(x, self.weight)
+        return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}, gemv"

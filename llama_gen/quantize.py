@@ -3,7 +3,7 @@
 Each weight row ``w[n, :]`` is stored as int8 ``q[n, :]`` with one scale ``s[n] = max|w[n, :]| / 127``, so
 ``w ≈ q * s[:, None]``. Activations keep the model's dtype. Matmuls use PyTorch's own kernels: on CPU
 ``torch.ops.aten._weight_int8pack_mm`` (fed bf16 activations: its float32 variant is not vectorized) for the few
-rows of a decode step, and for prompts (many rows) the int8 weight converted to bf16 once and bf16's matmul,
+rows of a decode step (in compiled code, loops of Inductor's own instead: llama_gen.gemv, ~2x faster on AVX2), and for prompts (many rows) the int8 weight converted to bf16 once and bf16's matmul,
 or float32's on a CPU without native bf16 matmuls (llama_gen.cpu) (measured ~9x faster at 512 rows with bf16,
 ~2x with float32: the int8 kernel's cost grows with every row); elsewhere
 ``F.linear(x, q.to(x.dtype)) * s`` (the gpt-fast formulation, which ``torch.compile`` fuses into one kernel).
@@ -11,6 +11,7 @@ Weights are quantized one at a time and the float weight's memory-mapped pages a
 the float and int8 models never coexist in memory.
 """
 
+import sys
 from typing import Optional
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama_gen.cpu import matmul_dtype
+from llama_gen.gemv import INT8_MAX_ROWS, loop_int8_linear, uses_loops
 from llama_gen.memory import replace_modules
 from llama_gen.model import Transformer
 
@@ -48,6 +50,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.register_buffer("scales_bf16", scales.to(torch.bfloat16))  # for the CPU kernel (see forward)
+        self.prompt_dtype = matmul_dtype()  # asked here: compiled code cannot ask the CPU
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> "Int8Linear":
@@ -62,10 +65,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return F.linear(x, self.weight.to(x.dtype)) * self.scales
+        if self.in_features % 4 == 0 and sys.byteorder == "little" and uses_loops(x, self.in_features, INT8_MAX_ROWS):
+            return loop_int8_linear(x, self.weight, self.scales)
         # PyTorch's CPU int8 kernel is vectorized for bf16 (and fp16) activations, not for float32.
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if flat.shape[0] >= DEQUANTIZE_MIN_ROWS:
-            dtype = matmul_dtype()  # int8 values are exact in bf16 and float32
+            dtype = self.prompt_dtype  # int8 values are exact in bf16 and float32
             out = F.linear(flat.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)
         else:
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales_bf16)

@@ -13,7 +13,7 @@ from llama_gen.fast import FastForward, attention_window, fuse_projections
 from llama_gen.memory import convert_weights, release_pages
 from llama_gen.model import ModelArgs, Transformer
 from llama_gen.cpu import has_native_bf16_matmul
-from llama_gen.gemv import GemvLinear, use_gemv_linears
+from llama_gen.gemv import INT8_MAX_ROWS, GemvLinear, use_gemv_linears
 from llama_gen.packed import PackedLinear, can_pack, pack_linears
 from llama_gen.quantize import Int8Linear, quantize_rows
 from test_engine import PROMPTS, build, stepwise_logits
@@ -171,6 +171,21 @@ def test_gemv_linear_matches_f_linear_eager_and_compiled(dtype):
         got = compiled(x)
         assert got.dtype == dtype and got.shape == (*shape[:-1], 96)
         assert (got.float() - expected).abs().max().item() <= tol * expected.abs().max().item()
+
+
+def test_int8_loops_match_the_dequantized_product():
+    torch.manual_seed(0)
+    q, scales = quantize_rows(torch.randn(96, 64))
+    layer = Int8Linear(q, scales)
+    compiled = torch.compile(lambda x: layer(x) + 1, fullgraph=True)
+    for shape in [(1, 64), (1, 1, 64), (8, 64), (20, 64)]:
+        x = torch.randn(shape)
+        expected = torch.nn.functional.linear(x, q.float() * scales[:, None]) + 1
+        got = compiled(x)
+        # loops in float32 up to INT8_MAX_ROWS rows; beyond, and eagerly, PyTorch's kernels (bf16 activations)
+        tol = 1e-5 if x.numel() // 64 <= INT8_MAX_ROWS else 1e-2
+        assert got.shape == expected.shape and (got - expected).abs().max().item() <= tol * expected.abs().max().item()
+        assert (layer(x) + 1 - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
 
 
 def test_pack_linears_replaces_plain_layers_and_keeps_outputs():
