@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from llama_gen.cpu import has_native_bf16_matmul, mkl_gemv_is_fastest
-from llama_gen.gemv import use_gemv_linears
+from llama_gen.gemv import MAX_ROWS, use_gemv_linears
 from llama_gen.model import Attention, Transformer
 from llama_gen.memory import release_freed_memory, release_pages
 from llama_gen.packed import pack_linears
@@ -240,22 +240,23 @@ class FastForward:
 
 def cpu_weight_layout(model: Transformer) -> str:
     """How the compiled fast path keeps this model's weights: "packed" (oneDNN-packed, llama_gen.packed), "gemv"
-    (plain, compiled into Inductor's own matrix-vector loops, llama_gen.gemv) or "plain" (library kernels).
+    (plain, compiled into Inductor's own loops, llama_gen.gemv) or "plain" (library kernels).
 
-    One layout is chosen at load time, from the dtype, the largest batch and the CPU (llama_gen.cpu):
-    bf16 is packed where the CPU has native bf16 matmuls (faster at every batch size), else gemv (the fallback
-    matmul is scalar; bf16 cannot be packed there). float32 built for batches is packed (~1.8x faster than gemv
-    at batch 8); built for batch 1 it stays plain on Intel CPUs, whose MKL matrix-vector kernel beats the
-    packed one by ~25%, and is gemv elsewhere (~1.3x faster than packed, ~2x faster than MKL's generic path).
+    One layout is chosen at load time, from the dtype, the largest batch and the CPU (llama_gen.cpu), as
+    measured (benchmarks/RESULTS.md): bf16 is packed where the CPU has native bf16 matmuls (faster at every
+    batch size), else gemv (the fallback matmul is scalar; bf16 cannot be packed there). float32 on Intel CPUs
+    stays plain at batch 1 (MKL's matrix-vector kernel beats the packed one by ~25%) and is packed for batches;
+    elsewhere it is gemv up to gemv.MAX_ROWS rows (1 row: ~2x MKL's generic path, ~1.6x packed; 8 rows: ~1.3x
+    packed) and packed beyond.
     """
     dtype = model.norm.weight.dtype
     if model.norm.weight.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return "plain"
     if dtype == torch.bfloat16:
         return "packed" if has_native_bf16_matmul() else "gemv"
-    if model.args.max_batch_size > 1:
-        return "packed"
-    return "plain" if mkl_gemv_is_fastest() else "gemv"
+    if mkl_gemv_is_fastest():
+        return "packed" if model.args.max_batch_size > 1 else "plain"
+    return "gemv" if model.args.max_batch_size <= MAX_ROWS else "packed"
 
 
 def prepare(model: Transformer, compile: bool = False, quantize: Optional[str] = None) -> Optional[FastForward]:

@@ -9,7 +9,7 @@ import torch
 from conftest import LLAMA2_TOKENIZER, TINY_CONFIGS
 from llama_gen import Llama, fast
 from llama_gen import quantize as int8_quantize
-from llama_gen.fast import FastForward, attention_window, fuse_projections
+from llama_gen.fast import FastForward, attention_window, cpu_weight_layout, fuse_projections
 from llama_gen.memory import convert_weights, release_pages
 from llama_gen.model import ModelArgs, Transformer
 from llama_gen.cpu import has_native_bf16_matmul
@@ -51,7 +51,8 @@ def test_compiled_greedy_equals_eager(tiny_checkpoints):
     got, _ = fast.generate(PROMPTS, max_gen_len=12, temperature=0)
     assert got == expected
     assert set(fast.fast_forward.compile_seconds) == {(4, 0), (1, 0)}  # one dynamic-window graph per batch size
-    assert any(isinstance(m, PackedLinear) for m in fast.model.modules())  # float32 built for batches: packed
+    layer = {"packed": PackedLinear, "gemv": GemvLinear, "plain": torch.nn.Linear}[cpu_weight_layout(fast.model)]
+    assert any(type(m) is layer for m in fast.model.modules())  # the CPU's layout: Intel packed, else loops
     # logprobs and sampling with a seed go through the same compiled step
     a = eager.text_completion(["Hello"], max_gen_len=6, temperature=0.8, seed=3, logprobs=True)
     b = fast.text_completion(["Hello"], max_gen_len=6, temperature=0.8, seed=3, logprobs=True)
@@ -140,8 +141,9 @@ def test_packed_linear_matches_f_linear_eager_and_compiled(dtype):
 @pytest.mark.parametrize("native_bf16, intel, dtype, max_batch, layout", [
     (True, True, torch.bfloat16, 1, "packed"), (True, False, torch.bfloat16, 8, "packed"),  # bf16: packed natively,
     (False, False, torch.bfloat16, 8, "gemv"), (False, False, torch.bfloat16, 1, "gemv"),  # else Inductor's loops
-    (True, True, torch.float32, 8, "packed"), (False, False, torch.float32, 8, "packed"),  # float32 batches: packed
-    (True, True, torch.float32, 1, "plain"), (False, False, torch.float32, 1, "gemv"),  # batch 1: MKL on Intel
+    (True, True, torch.float32, 8, "packed"), (True, True, torch.float32, 1, "plain"),  # Intel: MKL's gemv at batch 1
+    (False, False, torch.float32, 1, "gemv"), (False, False, torch.float32, 8, "gemv"),  # others: loops for few rows,
+    (False, False, torch.float32, 16, "packed"),  # packed beyond
     (True, True, torch.float16, 1, "plain"),
 ])
 def test_cpu_weight_layout_follows_the_cpu(monkeypatch, native_bf16, intel, dtype, max_batch, layout):
