@@ -263,8 +263,8 @@ def prepare(model: Transformer, compile: bool = False, quantize: Optional[str] =
     """Applies the load-time speed-ups in place and returns the forward to decode with (None: plain eager).
 
     int8 weights first (each float weight's pages dropped as it is replaced), then fused projections when the
-    layers are plain (not model-parallel), then (CPU, compile) the weight layout of cpu_weight_layout, then the static-shape
-    decode step, compiled on first use with ``compile``.
+    layers are plain (not model-parallel), then (CPU, compile) the weight layout of cpu_weight_layout, then the
+    static-shape decode step, compiled on first use with ``compile``.
     """
     if quantize is not None:
         quantize_model(model, quantize)

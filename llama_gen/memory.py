@@ -67,14 +67,18 @@ def replace_modules(model: torch.nn.Module, select: Callable[[torch.nn.Module], 
     """Replaces, in place and one at a time, every submodule ``m`` with ``select(m)`` by ``replace(m)``.
 
     Each old module's memory is handed back before the next replacement is built (its memory-mapped pages
-    dropped, its freed heap returned), so converting a model never holds two copies of its weights.
+    dropped, its freed heap returned), so converting a model never holds two copies of its weights. Tensors
+    the replacement shares with the old module keep their pages.
     """
     targets = [(parent, name) for parent in model.modules()
                for name, child in parent.named_children() if select(child)]
     for parent, name in targets:
         old = getattr(parent, name)
-        setattr(parent, name, replace(old))
+        new = replace(old)
+        setattr(parent, name, new)
+        kept = {t.data_ptr() for t in [*new.parameters(), *new.buffers()]}
         for tensor in [*old.parameters(), *old.buffers()]:
-            release_pages(tensor)
+            if tensor.data_ptr() not in kept:
+                release_pages(tensor)
         del old
         release_freed_memory()

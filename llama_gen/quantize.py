@@ -3,9 +3,10 @@
 Each weight row ``w[n, :]`` is stored as int8 ``q[n, :]`` with one scale ``s[n] = max|w[n, :]| / 127``, so
 ``w ≈ q * s[:, None]``. Activations keep the model's dtype. Matmuls use PyTorch's own kernels: on CPU
 ``torch.ops.aten._weight_int8pack_mm`` (fed bf16 activations: its float32 variant is not vectorized) for the few
-rows of a decode step (in compiled code, loops of Inductor's own instead: llama_gen.gemv, ~2x faster on AVX2), and for prompts (many rows) the int8 weight converted to bf16 once and bf16's matmul,
-or float32's on a CPU without native bf16 matmuls (llama_gen.cpu) (measured ~9x faster at 512 rows with bf16,
-~2x with float32: the int8 kernel's cost grows with every row); elsewhere
+rows of a decode step (for one row in compiled code, Inductor's own loops instead: llama_gen.gemv, ~2x faster on
+AVX2), and for prompts (many rows) the int8 weight converted to bf16 once and bf16's matmul, or float32's on a
+CPU without native bf16 matmuls (llama_gen.cpu) (measured ~9x faster at 512 rows with bf16, ~2x with float32:
+the int8 kernel's cost grows with every row); elsewhere
 ``F.linear(x, q.to(x.dtype)) * s`` (the gpt-fast formulation, which ``torch.compile`` fuses into one kernel).
 Weights are quantized one at a time and the float weight's memory-mapped pages are dropped right after, so
 the float and int8 models never coexist in memory.
