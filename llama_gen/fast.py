@@ -151,14 +151,6 @@ def default_compile_mode(device: torch.device) -> Optional[str]:
     return "reduce-overhead" if device.type == "cuda" else None
 
 
-def default_compile_options(device: torch.device) -> Optional[dict]:
-    """Inductor options for the default mode: on CPU the C++ wrapper, which calls the step's ~150 kernels from
-    C++ rather than Python. Measured on an AVX2 AMD EPYC (2 threads, 30 layers): the step's fixed cost falls
-    from 4.9 to 1.6 ms, and SmolLM2-135M int8 batch-1 decoding from 14.4 to 9.8-11.4 ms a token.
-    """
-    return {"cpp_wrapper": True} if device.type == "cpu" else None
-
-
 class FastForward:
     """Drop-in for ``model.forward(tokens, start_pos)``: prompts run eagerly, single tokens via decode_step.
 
@@ -183,8 +175,6 @@ class FastForward:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             mode = mode or default_compile_mode(device)
             self.cuda_graphs = mode == "reduce-overhead"
-            if mode is None and options is None:
-                options = default_compile_options(device)
             self.step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode,
                                       options=options if mode is None else None)
         self.compile_seconds: dict[tuple[int, int], float] = {}  # graph_key(batch size, window) -> first call
