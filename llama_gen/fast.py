@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from llama_gen.aot import AotStep, aot_enabled
 from llama_gen.cpu import has_native_bf16_matmul, mkl_gemv_is_fastest
 from llama_gen.gemv import MAX_ROWS, use_gemv_linears
 from llama_gen.model import Attention, Transformer
@@ -156,12 +157,15 @@ class FastForward:
 
     With ``compile=True`` the decode step is compiled with ``torch.compile(fullgraph=True)`` on first use: one
     graph per batch size (the window is a dynamic dimension; a window of the whole cache gets its own graph),
-    or with CUDA graphs one per batch size and static window. ``compile_seconds`` records those first calls
+    or with CUDA graphs one per batch size and static window; with ``aot`` (CPU) it is instead built ahead of
+    time by llama_gen.aot, one package per batch size (``quantize`` and ``layout`` say how the model was
+    prepared, for the child process that rebuilds its structure). ``compile_seconds`` records those first calls
     (compilation plus one step) apart from steady-state decoding.
     """
 
     def __init__(self, model: Transformer, compile: bool = True, mode: Optional[str] = None,
-                 options: Optional[dict] = None):
+                 options: Optional[dict] = None, aot: bool = False, quantize: Optional[str] = None,
+                 layout: str = "plain"):
         if model.rope is None:
             model.setup_caches()
         self.model = model
@@ -171,7 +175,10 @@ class FastForward:
         self.compiled = compile
         self.step: Callable[..., torch.Tensor] = decode_step
         self.cuda_graphs = False
-        if compile:
+        self.aot = AotStep(model, self.mask, quantize, layout) if compile and aot else None
+        if self.aot is not None:
+            self.step = self.aot
+        elif compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             mode = mode or default_compile_mode(device)
             self.cuda_graphs = mode == "reduce-overhead"
@@ -199,6 +206,8 @@ class FastForward:
     def graph_key(self, bsz: int, window: int) -> tuple[int, int]:
         """Returns (batch size, window) for a static window, else (batch size, 0) for the dynamic-window graph;
         a window of the whole cache is always its own graph (the compiler specializes the whole cache's layout)."""
+        if self.aot is not None:
+            return (bsz, 0)  # one package per batch size, every window included
         return (bsz, window) if self.static_windows or window == self.model.args.max_seq_len else (bsz, 0)
 
     def _decode(self, tokens: torch.Tensor, pos: int, window: int) -> torch.Tensor:
@@ -207,7 +216,7 @@ class FastForward:
         # generation's length, and the compiled step is specialized on strides (it would recompile).
         tokens = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device).copy_(tokens)
         mask_columns = self.mask[:, :window]
-        if self.compiled and not self.static_windows:
+        if self.compiled and not self.static_windows and self.aot is None:
             torch._dynamo.maybe_mark_dynamic(mask_columns, 1)
         key = self.graph_key(tokens.shape[0], window)
         first = self.compiled and key not in self.compile_seconds
@@ -259,23 +268,36 @@ def cpu_weight_layout(model: Transformer) -> str:
     return "gemv" if model.args.max_batch_size <= MAX_ROWS else "packed"
 
 
-def prepare(model: Transformer, compile: bool = False, quantize: Optional[str] = None) -> Optional[FastForward]:
-    """Applies the load-time speed-ups in place and returns the forward to decode with (None: plain eager).
-
-    int8 weights first (each float weight's pages dropped as it is replaced), then fused projections when the
-    layers are plain (not model-parallel), then (CPU, compile) the weight layout of cpu_weight_layout, then the
-    static-shape decode step, compiled on first use with ``compile``.
-    """
-    if quantize is not None:
-        quantize_model(model, quantize)
-    if not (compile or quantize):
-        return None
-    if not can_fuse(model):  # model parallel: fairscale's layers and collectives stay eager
-        return FastForward(model, compile=False)
+def apply_layout(model: Transformer, quantize: Optional[str], layout: str) -> None:
+    """Applies the load-time weight changes in place: int8 weights (each float weight's pages dropped as it is
+    replaced), fused projections, then the CPU weight layout ("packed", "gemv" or "plain")."""
+    quantize_model(model, quantize)
     fuse_projections(model)
-    layout = cpu_weight_layout(model) if compile else "plain"
     if layout == "packed":
         pack_linears(model, batch_size=model.args.max_batch_size)
     elif layout == "gemv":
         use_gemv_linears(model)
-    return FastForward(model, compile=compile)
+
+
+def uses_aot(model: Transformer, layout: str) -> bool:
+    """True when the compiled step is built ahead of time (llama_gen.aot): on CPU, unless ``LLAMA_GEN_AOT=0``,
+    for every layout but "packed" (its weights are found through a process-local registry)."""
+    return model.norm.weight.device.type == "cpu" and layout != "packed" and aot_enabled()
+
+
+def prepare(model: Transformer, compile: bool = False, quantize: Optional[str] = None) -> Optional[FastForward]:
+    """Applies the load-time speed-ups in place and returns the forward to decode with (None: plain eager).
+
+    Without model parallel: apply_layout with cpu_weight_layout's choice (with ``compile``), then the
+    static-shape decode step, compiled on first use with ``compile``: ahead of time in a child process on CPU
+    (llama_gen.aot), else ``torch.compile``.
+    """
+    if not (compile or quantize):
+        return None
+    if not can_fuse(model):  # model parallel: fairscale's layers and collectives stay eager
+        quantize_model(model, quantize)  # (refuses, with its reason)
+        return FastForward(model, compile=False)
+    layout = cpu_weight_layout(model) if compile else "plain"
+    apply_layout(model, quantize, layout)
+    return FastForward(model, compile=compile, aot=compile and uses_aot(model, layout), quantize=quantize,
+                       layout=layout)

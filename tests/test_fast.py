@@ -1,5 +1,7 @@
 """The fast path (fused projections, static-shape decode step, torch.compile, int8 weights) against the eager path."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -42,11 +44,15 @@ def test_attention_window_covers_the_position():
     assert attention_window(100, 48, static=True) == 48
 
 
-def test_compiled_greedy_equals_eager(tiny_checkpoints):
+@pytest.mark.parametrize("aot", [True, False], ids=["aot", "torch.compile"])
+def test_compiled_greedy_equals_eager(tiny_checkpoints, monkeypatch, aot):
+    monkeypatch.setenv("LLAMA_GEN_AOT", "1" if aot else "0")
     _, ckpt = tiny_checkpoints["gqa"]
     eager = build(ckpt)
     fast = build(ckpt, compile=True)
     assert fast.fast_forward is not None and fast.fast_forward.compiled
+    uses_aot = fast.fast_forward.aot is not None
+    assert uses_aot == (aot and cpu_weight_layout(fast.model) != "packed")  # packed weights: torch.compile
     expected, _ = eager.generate(PROMPTS, max_gen_len=12, temperature=0)  # 5 prompts: batches of 4 and 1
     got, _ = fast.generate(PROMPTS, max_gen_len=12, temperature=0)
     assert got == expected
@@ -60,8 +66,10 @@ def test_compiled_greedy_equals_eager(tiny_checkpoints):
     assert torch.allclose(torch.tensor(a[0]["logprobs"]), torch.tensor(b[0]["logprobs"]), atol=1e-4)
 
 
-def test_generations_of_other_lengths_reuse_the_compiled_graphs(tiny_checkpoints):
+def test_generations_of_other_lengths_reuse_the_compiled_graphs(tiny_checkpoints, monkeypatch):
     from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("LLAMA_GEN_AOT", "0")  # counts torch.compile's graphs (an AOT package has every window)
 
     _, ckpt = tiny_checkpoints["gqa"]
     fast = build(ckpt, compile=True, max_batch_size=2)
@@ -239,3 +247,29 @@ def test_eager_decoding_never_imports_the_compiler(tiny_checkpoints, quantize):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_aot_int8_step_matches_torch_compile_and_never_imports_the_compiler(tiny_checkpoints, tmp_path, monkeypatch):
+    # The generating process loads the package built by a child process: the compiler is never imported.
+    _, ckpt = tiny_checkpoints["gqa"]
+    code = (f"import sys, torch; from llama_gen import Llama; "
+            f"llama = Llama.build({str(ckpt)!r}, tokenizer_path={str(LLAMA2_TOKENIZER)!r}, max_seq_len=64, "
+            f"max_batch_size=1, device='cpu', quantize='int8', compile=True); "
+            f"assert llama.fast_forward.aot is not None; "
+            f"out = llama.text_completion(['Hello there'], max_gen_len=10, temperature=0, logprobs=True)[0]; "
+            f"import json; print(json.dumps([out['generation'], out['logprobs']])); "
+            f"print(any(m.startswith(('torch._inductor', 'torch._dynamo')) for m in sys.modules))")
+    env = {**os.environ, "LLAMA_GEN_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    output, imported = result.stdout.strip().splitlines()[-2:]
+    assert imported == "False"
+    assert "compiling the decode step ahead of time" in result.stderr and list(tmp_path.glob("aot/*.pt2"))
+    # the same generation with torch.compile in this process (same Inductor loops, same numbers)
+    monkeypatch.setenv("LLAMA_GEN_AOT", "0")
+    llama = build(ckpt, compile=True, quantize="int8", max_seq_len=64, max_batch_size=1)
+    assert llama.fast_forward.aot is None
+    expected = llama.text_completion(["Hello there"], max_gen_len=10, temperature=0, logprobs=True)[0]
+    generation, logprobs = json.loads(output)
+    assert generation == expected["generation"]
+    assert torch.allclose(torch.tensor(logprobs), torch.tensor(expected["logprobs"]), atol=1e-4)
