@@ -92,6 +92,18 @@ def as_buffer(module: nn.Module, name: str) -> None:
     module.register_buffer(name, tensor, persistent=False)
 
 
+def pad_caches(model: Transformer) -> None:
+    """Reallocates the KV caches one position longer than max_seq_len (the extra one is never used).
+
+    A window of the whole cache would be the whole tensor, a case the exporter specializes (and so refuses a
+    window dimension that reaches max_seq_len); with the spare position no window is.
+    """
+    args = model.args
+    weight = model.norm.weight
+    for layer in model.layers:
+        layer.attention.setup_cache(args.max_batch_size, args.max_seq_len + 1, weight.device, weight.dtype)
+
+
 def skeleton(spec: dict) -> Transformer:
     """Returns a model with the spec's structure (weights uninitialized, layout and quantization applied)."""
     from llama_gen.fast import apply_layout
@@ -104,6 +116,7 @@ def skeleton(spec: dict) -> Transformer:
         for p in model.parameters():
             p.zero_()  # placeholder values (quantizing uninitialized memory would warn about NaNs)
     model.setup_caches(args.max_batch_size, args.max_seq_len)
+    pad_caches(model)
     apply_layout(model, spec["quantize"], spec["layout"])
     return model
 
@@ -163,6 +176,7 @@ class AotStep:
     """
 
     def __init__(self, model: Transformer, mask: torch.Tensor, quantize: Optional[str], layout: str):
+        pad_caches(model)
         self.model = model
         self.mask = mask
         self.quantize = quantize

@@ -252,8 +252,9 @@ def cpu_weight_layout(model: Transformer) -> str:
     (plain, compiled into Inductor's own loops, llama_gen.gemv) or "plain" (library kernels).
 
     One layout is chosen at load time, from the dtype, the largest batch and the CPU (llama_gen.cpu), as
-    measured (benchmarks/RESULTS.md): bf16 is packed where the CPU has native bf16 matmuls (faster at every
-    batch size), else gemv (the fallback matmul is scalar; bf16 cannot be packed there). float32 on Intel CPUs
+    measured (benchmarks/RESULTS.md): bf16 is gemv (where the CPU has native bf16 matmuls, loops up to
+    gemv.NATIVE_BF16_MAX_ROWS rows and oneDNN beyond), or packed with native bf16 matmuls and in-process
+    torch.compile (``LLAMA_GEN_AOT=0``; packed weights cannot be built ahead of time: llama_gen.aot). float32 on Intel CPUs
     stays plain at batch 1 (MKL's matrix-vector kernel beats the packed one by ~25%) and is packed for batches;
     elsewhere it is gemv up to gemv.MAX_ROWS rows (1 row: ~2x MKL's generic path, ~1.6x packed; 8 rows: ~1.3x
     packed) and packed beyond.
@@ -262,7 +263,7 @@ def cpu_weight_layout(model: Transformer) -> str:
     if model.norm.weight.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return "plain"
     if dtype == torch.bfloat16:
-        return "packed" if has_native_bf16_matmul() else "gemv"
+        return "packed" if has_native_bf16_matmul() and not aot_enabled() else "gemv"
     if mkl_gemv_is_fastest():
         return "packed" if model.args.max_batch_size > 1 else "plain"
     return "gemv" if model.args.max_batch_size <= MAX_ROWS else "packed"

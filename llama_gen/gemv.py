@@ -16,12 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama_gen.cpu import has_native_bf16_matmul
 from llama_gen.memory import replace_modules
 
 MAX_ROWS = 8  # more rows: a matmul kernel does better (and the unrolled loop body grows with every row)
 # int8's loop body is four times longer per row: at 8 rows the default model took 8 minutes to compile and ran
 # no faster end to end than the int8 kernel (batch 8: 181 vs 178 tok/s); at one row the loops are ~2x faster.
 INT8_MAX_ROWS = 1
+# bf16 where the CPU has native bf16 matmuls: all linears of a default-model step (AVX512-BF16 AMD EPYC) take
+# 11.7 / 15.6 / 26.6 ms as loops at 2 / 4 / 8 rows and 24.6 / 23.2 / 23.9 ms with oneDNN's kernel.
+NATIVE_BF16_MAX_ROWS = 4
+
+
+def loop_max_rows(dtype: torch.dtype) -> int:
+    """Returns up to how many rows a product with a weight of this dtype runs as loops in compiled code."""
+    return NATIVE_BF16_MAX_ROWS if dtype == torch.bfloat16 and has_native_bf16_matmul() else MAX_ROWS
 
 
 def uses_loops(x: torch.Tensor, in_features: int, max_rows: int = MAX_ROWS) -> bool:
@@ -86,9 +95,10 @@ class GemvLinear(nn.Module):
         super().__init__()
         self.weight = weight
         self.out_features, self.in_features = weight.shape
+        self.max_rows = loop_max_rows(weight.dtype)  # asked here: compiled code cannot ask the CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if uses_loops(x, self.in_features):
+        if uses_loops(x, self.in_features, self.max_rows):
             return loop_linear(x, self.weight)
         return F.linear(x, self.weight)
 
