@@ -10,7 +10,8 @@ The eager ``Transformer.forward`` stays the reference. This module only adds:
   window is pos + 1 rounded up to 16 and a dynamic dimension of that one graph; with CUDA graphs, whose every
   shape is recorded separately, windows are powers of two and each is a static graph.
 * ``FastForward``: a drop-in for ``model.forward`` that runs the prompt (several tokens) eagerly and every
-  single-token step through the (optionally compiled) ``decode_step``.
+  single-token step through the (optionally compiled) ``decode_step``: on CPU built ahead of time in a child
+  process (llama_gen.aot), else with ``torch.compile``.
 """
 
 import gc

@@ -133,8 +133,10 @@ class Llama:
         With no ckpt_dir, the default model (SmolLM2-135M-Instruct) is used, converted on first use. The
         tokenizer is found in ckpt_dir unless tokenizer_path is given. Under ``torchrun`` the model is split
         over ``model_parallel_size`` processes (default: all of them). ``quantize="int8"`` stores weights as
-        int8 with per-channel scales; ``compile=True`` decodes with a ``torch.compile``d static-shape step
-        (see llama_gen/fast.py). Either one also fuses the q/k/v and w1/w3 projections (without model parallel);
+        int8 with per-channel scales; ``compile=True`` decodes with a compiled static-shape step (see
+        llama_gen/fast.py): on CPU built ahead of time by AOTInductor in a child process and cached on disk
+        (llama_gen/aot.py; ``LLAMA_GEN_AOT=0``: in-process ``torch.compile``), on GPU ``torch.compile`` with CUDA
+        graphs. Either one also fuses the q/k/v and w1/w3 projections (without model parallel);
         ``compile`` on CPU also picks the fastest weight layout for the CPU (llama_gen.fast.cpu_weight_layout).
         """
         if max_seq_len < 2 or max_batch_size < 1:
