@@ -12,14 +12,16 @@ Each engine runs in its own subprocess (so peak memory is its own), greedy, EOS 
 * achieved bandwidth: bytes of weights read per decoded token x batch-1 decode tokens/s, against the machine's
   read bandwidth (a large tensor's sum, measured first).
 
-Times are medians of ``--runs`` runs after a warm-up run; compilation (ours, ``torch.compile``) happens in a
-separate warm-up and is reported on its own.
+Times are medians of ``--runs`` runs after a warm-up run; compilation (ours: on CPU ahead of time in a child
+process, llama_gen/aot.py, else ``torch.compile``) happens in a separate warm-up and is reported on its own, with
+the peak memory of any compiler child process (outside the engine's own peak).
 """
 
 import argparse
 import datetime
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -68,6 +70,7 @@ def run_worker(cfg: dict) -> dict:
     start = time.perf_counter()
     engine.warm_up(batch_sizes, DECODE_PROMPT_LEN + new)
     result["compile_s"] = engine.compile_s if engine.compile_s is not None else None
+    result["child_peak_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # 0: no child ran
     result["warm_up_s"] = time.perf_counter() - start
 
     long_prompt = cfg["prompt"][: cfg["prompt_len"]]
@@ -231,6 +234,13 @@ def agreement(results: list[dict]) -> str:
     return "Greedy batch-1 outputs vs " + ref["engine"] + ": " + "; ".join(lines)
 
 
+def child_peaks(results: list[dict]) -> str:
+    """Returns a line with the peak memory of the compiler child processes, for engines that ran any."""
+    peaks = [f"{r['engine']} {r['child_peak_mib']:.0f} MiB" for r in results if r.get("child_peak_mib")]
+    return ("Peak resident memory of compiler child processes (ahead-of-time builds; not in the engine's peak "
+            "above): " + "; ".join(peaks)) if peaks else ""
+
+
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -300,7 +310,8 @@ def main(argv=None) -> None:
               f"model {args.model}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
               f"{args.threads} threads, medians of {args.runs} runs.")
     report = "\n\n".join(x for x in [header, results_table(results, batch_sizes, bandwidth["read_gbs"]),
-                                     ratio_table(results, batch_sizes), agreement(results)] if x)
+                                     ratio_table(results, batch_sizes), agreement(results),
+                                     child_peaks(results)] if x)
     print(report)
     if args.markdown:
         Path(args.markdown).write_text(report + "\n")
