@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import llama_gen
+from llama_gen.cpu import cpuinfo_field
 from llama_gen.model import ModelArgs, Transformer
 
 PACKAGE_SOURCES = ("aot.py", "fast.py", "gemv.py", "model.py", "quantize.py")  # what the compiled code is made of
@@ -58,9 +59,13 @@ def step_spec(model: Transformer, batch_size: int, quantize: Optional[str], layo
 
 def package_path(spec: dict) -> Path:
     """Returns where the package for this spec lives, keyed by everything its compiled code depends on."""
-    key = json.dumps({**spec, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
-                      "source": source_digest()}, sort_keys=True)
+    cpu = [torch.backends.cpu.get_cpu_capability(), cpuinfo_field("flags")]  # the compiled code uses the CPU's ISA
+    key = json.dumps({**spec, "torch": torch.__version__, "cpu": cpu, "source": source_digest()}, sort_keys=True)
     return cache_dir() / f"decode_step-b{spec['batch_size']}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2"
+
+
+class AotBuildError(RuntimeError):
+    """The child process could not build a package (the caller can compile in-process instead)."""
 
 
 class StepModule(nn.Module):
@@ -159,8 +164,8 @@ def ensure_package(spec: dict) -> tuple[Path, float]:
     result = subprocess.run([sys.executable, "-m", "llama_gen.aot", json.dumps(spec), str(path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0 or not path.exists():
-        raise RuntimeError(f"compiling the decode step failed (exit {result.returncode}); set LLAMA_GEN_AOT=0 to "
-                           f"compile in-process with torch.compile instead. Compiler output:\n{result.stdout[-4000:]}")
+        raise AotBuildError(f"building the decode step ahead of time failed (exit {result.returncode}); its output "
+                            f"ends:\n{result.stdout[-2000:]}")
     seconds = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child's, so far
     print(f"compiled the decode step in {seconds:.1f} s (compiler process peak {peak_mib:.0f} MiB)",

@@ -25,16 +25,21 @@ def has_native_bf16_matmul() -> bool:
 
 
 @functools.cache
-def cpu_vendor() -> str:
-    """Returns the CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...), or "" where it cannot be read."""
+def cpuinfo_field(name: str) -> str:
+    """Returns the first value of a /proc/cpuinfo field ("vendor_id", "flags", ...), or "" where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.split(":", 1)[0].strip() == name:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """Returns the CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...), or "" where it cannot be read."""
+    return cpuinfo_field("vendor_id")
 
 
 def mkl_gemv_is_fastest() -> bool:

@@ -16,12 +16,13 @@ The eager ``Transformer.forward`` stays the reference. This module only adds:
 
 import gc
 import time
+import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from llama_gen.aot import AotStep, aot_enabled
+from llama_gen.aot import AotBuildError, AotStep, aot_enabled
 from llama_gen.cpu import has_native_bf16_matmul, mkl_gemv_is_fastest
 from llama_gen.gemv import MAX_ROWS, use_gemv_linears
 from llama_gen.model import Attention, Transformer
@@ -180,12 +181,16 @@ class FastForward:
         if self.aot is not None:
             self.step = self.aot
         elif compile:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            mode = mode or default_compile_mode(device)
-            self.cuda_graphs = mode == "reduce-overhead"
-            self.step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode,
-                                      options=options if mode is None else None)
+            self.step = self.torch_compiled_step(mode, options)
         self.compile_seconds: dict[tuple[int, int], float] = {}  # graph_key(batch size, window) -> first call
+
+    def torch_compiled_step(self, mode: Optional[str], options: Optional[dict]) -> Callable[..., torch.Tensor]:
+        """Returns decode_step compiled with ``torch.compile`` in this process (CUDA graphs by default on GPU)."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        mode = mode or default_compile_mode(self.mask.device)
+        self.cuda_graphs = mode == "reduce-overhead"
+        return torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode,
+                             options=options if mode is None else None)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
@@ -222,7 +227,12 @@ class FastForward:
         key = self.graph_key(tokens.shape[0], window)
         first = self.compiled and key not in self.compile_seconds
         start = time.perf_counter()
-        logits = self.step(self.model, tokens, input_pos, mask_columns)
+        try:
+            logits = self.step(self.model, tokens, input_pos, mask_columns)
+        except AotBuildError as error:  # nothing lost: compile in this process instead
+            warnings.warn(f"{error}\nCompiling the decode step in-process with torch.compile instead.", stacklevel=2)
+            self.aot, self.step = None, self.torch_compiled_step(None, None)
+            return self._decode(tokens, pos, window)
         if first:
             self.compile_seconds[key] = time.perf_counter() - start
             free_compiler_memory()

@@ -288,3 +288,21 @@ def test_compiled_step_reaches_the_end_of_the_cache(tiny_checkpoints):
     expected, _ = eager.generate(PROMPTS[:2], max_gen_len=40, temperature=0)
     got, _ = fast.generate(PROMPTS[:2], max_gen_len=40, temperature=0)
     assert got == expected and max(len(p) + len(g) for p, g in zip(PROMPTS[:2], got)) == 40
+
+
+def test_failed_ahead_of_time_build_falls_back_to_torch_compile(tiny_checkpoints, monkeypatch):
+    from llama_gen import aot
+
+    def failing_build(spec):
+        raise aot.AotBuildError("building the decode step ahead of time failed (exit 1)")
+
+    monkeypatch.setenv("LLAMA_GEN_AOT", "1")
+    monkeypatch.setattr(aot, "ensure_package", failing_build)
+    _, ckpt = tiny_checkpoints["gqa"]
+    fast = build(ckpt, compile=True, max_batch_size=1)
+    if fast.fast_forward.aot is None:
+        pytest.skip("this CPU's layout is built with torch.compile anyway (packed weights)")
+    expected, _ = build(ckpt, max_batch_size=1).generate(PROMPTS[:1], max_gen_len=8, temperature=0)
+    with pytest.warns(UserWarning, match="in-process with torch.compile instead"):
+        got, _ = fast.generate(PROMPTS[:1], max_gen_len=8, temperature=0)
+    assert got == expected and fast.fast_forward.aot is None
