@@ -97,16 +97,9 @@ def as_buffer(module: nn.Module, name: str) -> None:
     module.register_buffer(name, tensor, persistent=False)
 
 
-def pad_caches(model: Transformer) -> None:
-    """Reallocates the KV caches one position longer than max_seq_len (the extra one is never used).
-
-    A window of the whole cache would be the whole tensor, a case the exporter specializes (and so refuses a
-    window dimension that reaches max_seq_len); with the spare position no window is.
-    """
-    args = model.args
-    weight = model.norm.weight
-    for layer in model.layers:
-        layer.attention.setup_cache(args.max_batch_size, args.max_seq_len + 1, weight.device, weight.dtype)
+# A window of the whole cache would be the whole tensor, a case the exporter specializes (and so refuses a window
+# dimension that reaches max_seq_len): the cache gets a spare position, never used, so that no window is.
+SPARE_CACHE_POSITIONS = 1
 
 
 def skeleton(spec: dict) -> Transformer:
@@ -120,8 +113,7 @@ def skeleton(spec: dict) -> Transformer:
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()  # placeholder values (quantizing uninitialized memory would warn about NaNs)
-    model.setup_caches(args.max_batch_size, args.max_seq_len)
-    pad_caches(model)
+    model.setup_caches(spare_positions=SPARE_CACHE_POSITIONS)
     apply_layout(model, spec["quantize"], spec["layout"])
     return model
 
@@ -149,15 +141,15 @@ def build_package(spec: dict, path: Path) -> None:
     partial.replace(path)  # atomic: a concurrent or interrupted build never leaves a half-written package
 
 
-def ensure_package(spec: dict) -> tuple[Path, float]:
-    """Returns (the package for spec, seconds spent compiling it: 0 when it was cached).
+def ensure_package(spec: dict) -> Path:
+    """Returns the package for spec, built first if it is not cached.
 
     A missing package is built by a child process (``python -m llama_gen.aot``), so the compiler's memory
     and imports never enter this one.
     """
     path = package_path(spec)
     if path.exists():
-        return path, 0.0
+        return path
     print(f"compiling the decode step ahead of time (batch {spec['batch_size']}, once; cached in "
           f"{path.parent}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
@@ -170,7 +162,7 @@ def ensure_package(spec: dict) -> tuple[Path, float]:
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child's, so far
     print(f"compiled the decode step in {seconds:.1f} s (compiler process peak {peak_mib:.0f} MiB)",
           file=sys.stderr, flush=True)
-    return path, seconds
+    return path
 
 
 class AotStep:
@@ -181,20 +173,18 @@ class AotStep:
     """
 
     def __init__(self, model: Transformer, mask: torch.Tensor, quantize: Optional[str], layout: str):
-        pad_caches(model)
+        model.setup_caches(spare_positions=SPARE_CACHE_POSITIONS)
         self.model = model
         self.mask = mask
         self.quantize = quantize
         self.layout = layout
         self.probe = torch.empty(model.args.max_seq_len, device=mask.device)
         self.loaders: dict[int, torch._C._aoti.AOTIModelPackageLoader] = {}
-        self.compile_seconds = 0.0  # spent in child processes (the rest of a first call is loading)
 
     def loader(self, batch_size: int) -> "torch._C._aoti.AOTIModelPackageLoader":
         """Returns the loaded package for this batch size, its constants bound to this model's tensors."""
         if batch_size not in self.loaders:
-            path, seconds = ensure_package(step_spec(self.model, batch_size, self.quantize, self.layout))
-            self.compile_seconds += seconds
+            path = ensure_package(step_spec(self.model, batch_size, self.quantize, self.layout))
             loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
             owner = {"model": self.model, "mask": self.mask}
             constants = {name: resolve(owner, name) for name in loader.get_constant_fqns()}

@@ -192,14 +192,17 @@ class Transformer(nn.Module):
         self.output = parallel.column_linear(args.dim, args.vocab_size, gather_output=True)
         self.rope: Optional[torch.Tensor] = None
 
-    def setup_caches(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None) -> None:
-        """Allocates the KV caches and rotary table on the weights' device and dtype."""
+    def setup_caches(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None,
+                     spare_positions: int = 0) -> None:
+        """Allocates the KV caches (with ``spare_positions`` unused positions past max_seq_len) and rotary table
+        on the weights' device and dtype."""
         args = self.args
         args.max_batch_size = max_batch_size or args.max_batch_size
         args.max_seq_len = max_seq_len or args.max_seq_len
         weight = self.norm.weight
         for layer in self.layers:
-            layer.attention.setup_cache(args.max_batch_size, args.max_seq_len, weight.device, weight.dtype)
+            layer.attention.setup_cache(args.max_batch_size, args.max_seq_len + spare_positions, weight.device,
+                                        weight.dtype)
         self.rope = precompute_rope(
             args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling_factors()
         ).to(weight.device)
