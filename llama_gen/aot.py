@@ -34,7 +34,8 @@ import llama_gen
 from llama_gen.cpu import cpuinfo_field
 from llama_gen.model import ModelArgs, Transformer
 
-PACKAGE_SOURCES = ("aot.py", "fast.py", "gemv.py", "model.py", "quantize.py")  # what the compiled code is made of
+# What the compiled code is made of:
+PACKAGE_SOURCES = ("aot.py", "fast.py", "gemv.py", "model.py", "packed.py", "quantize.py")
 
 
 def cache_dir() -> Path:
@@ -136,8 +137,10 @@ def build_package(spec: dict, path: Path) -> None:
                                                         "window_probe": {0: window}}, strict=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".partial-{os.getpid()}.pt2")
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(partial), inductor_configs={"aot_inductor.package_constants_in_so": False})
+        # Constants stay the caller's tensors: none is stored in the package, and none is inlined into the code
+        # (Inductor would otherwise inline one-element tensors, such as packed.PackedLinear's handle, by value).
+        configs = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
+        torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=configs)
     partial.replace(path)  # atomic: a concurrent or interrupted build never leaves a half-written package
 
 

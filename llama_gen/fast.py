@@ -24,7 +24,7 @@ from torch import nn
 
 from llama_gen.aot import AotBuildError, AotStep, aot_enabled
 from llama_gen.cpu import has_native_bf16_matmul, mkl_gemv_is_fastest
-from llama_gen.gemv import MAX_ROWS, use_gemv_linears
+from llama_gen.gemv import MAX_ROWS, NATIVE_BF16_MAX_ROWS, use_gemv_linears
 from llama_gen.model import Attention, Transformer
 from llama_gen.memory import release_freed_memory, release_pages
 from llama_gen.packed import pack_linears
@@ -144,7 +144,8 @@ def decode_step(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tenso
 
 
 def free_compiler_memory() -> None:
-    """Collects the compiler's garbage and hands the freed memory back to the OS (it can be 100s of MB)."""
+    """Collects garbage (the compiler's, replaced modules) and hands the freed memory back to the OS (it can be
+    100s of MB)."""
     gc.collect()
     release_freed_memory()
 
@@ -263,18 +264,17 @@ def cpu_weight_layout(model: Transformer) -> str:
     (plain, compiled into Inductor's own loops, llama_gen.gemv) or "plain" (library kernels).
 
     One layout is chosen at load time, from the dtype, the largest batch and the CPU (llama_gen.cpu), as
-    measured (benchmarks/RESULTS.md): bf16 is gemv (where the CPU has native bf16 matmuls, loops up to
-    gemv.NATIVE_BF16_MAX_ROWS rows and oneDNN beyond), or packed with native bf16 matmuls and in-process
-    torch.compile (``LLAMA_GEN_AOT=0``; packed weights cannot be built ahead of time: llama_gen.aot). float32 on Intel CPUs
-    stays plain at batch 1 (MKL's matrix-vector kernel beats the packed one by ~25%) and is packed for batches;
-    elsewhere it is gemv up to gemv.MAX_ROWS rows (1 row: ~2x MKL's generic path, ~1.6x packed; 8 rows: ~1.3x
-    packed) and packed beyond.
+    measured (benchmarks/RESULTS.md). bf16 where the CPU has native bf16 matmuls: gemv up to
+    gemv.NATIVE_BF16_MAX_ROWS rows, packed for larger batches (oneDNN's kernel on plain weights repacks each
+    weight on every call); without them, gemv. float32 on Intel CPUs stays plain at batch 1 (MKL's
+    matrix-vector kernel beats the packed one by ~25%) and is packed for batches; elsewhere it is gemv up to
+    gemv.MAX_ROWS rows (1 row: ~2x MKL's generic path, ~1.6x packed; 8 rows: ~1.3x packed) and packed beyond.
     """
     dtype = model.norm.weight.dtype
     if model.norm.weight.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return "plain"
     if dtype == torch.bfloat16:
-        return "packed" if has_native_bf16_matmul() and not aot_enabled() else "gemv"
+        return "packed" if has_native_bf16_matmul() and model.args.max_batch_size > NATIVE_BF16_MAX_ROWS else "gemv"
     if mkl_gemv_is_fastest():
         return "packed" if model.args.max_batch_size > 1 else "plain"
     return "gemv" if model.args.max_batch_size <= MAX_ROWS else "packed"
@@ -291,10 +291,9 @@ def apply_layout(model: Transformer, quantize: Optional[str], layout: str) -> No
         use_gemv_linears(model)
 
 
-def uses_aot(model: Transformer, layout: str) -> bool:
-    """True when the compiled step is built ahead of time (llama_gen.aot): on CPU, unless ``LLAMA_GEN_AOT=0``,
-    for every layout but "packed" (its weights are found through a process-local registry)."""
-    return model.norm.weight.device.type == "cpu" and layout != "packed" and aot_enabled()
+def uses_aot(model: Transformer) -> bool:
+    """True when the compiled step is built ahead of time (llama_gen.aot): on CPU, unless ``LLAMA_GEN_AOT=0``."""
+    return model.norm.weight.device.type == "cpu" and aot_enabled()
 
 
 def prepare(model: Transformer, compile: bool = False, quantize: Optional[str] = None) -> Optional[FastForward]:
@@ -311,5 +310,6 @@ def prepare(model: Transformer, compile: bool = False, quantize: Optional[str] =
         return FastForward(model, compile=False)
     layout = cpu_weight_layout(model) if compile else "plain"
     apply_layout(model, quantize, layout)
-    return FastForward(model, compile=compile, aot=compile and uses_aot(model, layout), quantize=quantize,
-                       layout=layout)
+    fast = FastForward(model, compile=compile, aot=compile and uses_aot(model), quantize=quantize, layout=layout)
+    free_compiler_memory()  # what the replaced weights and caches leave resident (~50 MiB for the default model)
+    return fast

@@ -5,9 +5,12 @@ costs as much as the matmul itself at every batch size; for float32, MKL's batch
 but at batch 8 the per-call repack halves the speed. Packing each weight once at load time (PyTorch's
 ``mkldnn._reorder_linear_weight``, the same op Inductor uses when it freezes a model) removes that cost.
 
-The packed weight is an opaque oneDNN tensor, which ``torch.compile`` cannot take as an input; the layer
-therefore calls it through the custom op ``llama_gen::packed_linear``, which names the weight by an integer
-key, so the compiled decode step sees an opaque call with an ordinary tensor in and out.
+The packed weight is an opaque oneDNN tensor, which neither ``torch.compile`` nor ``torch.export`` can take as
+an input; the layer therefore calls it through the custom op ``llama_gen::packed_linear``, which names the
+weight by a key held in a one-element buffer (the layer's ``handle``), so the compiled decode step sees an
+opaque call with ordinary tensors in and out. Being a buffer, the key is bound like any other model tensor
+when a step built ahead of time in another process is loaded (llama_gen.aot), so that process's keys never
+matter.
 """
 
 import itertools
@@ -28,15 +31,15 @@ _keys = itertools.count()
 # Registered with torch.library.Library rather than the @custom_op decorator: the decorator's Python wrapper
 # costs ~7 us more per call (measured), and a decode step makes 121 of these calls.
 _lib = torch.library.Library("llama_gen", "DEF")
-_lib.define("packed_linear(Tensor x, int key, int out_features) -> Tensor")
+_lib.define("packed_linear(Tensor x, Tensor handle, int out_features) -> Tensor")
 
 
-def packed_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
-    """Returns ``x @ W.T`` for the packed weight W registered under ``key`` (``[..., out_features]``)."""
-    return torch.ops.mkldnn._linear_pointwise(x, _weights[key](), None, "none", [], "")
+def packed_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Returns ``x @ W.T`` for the packed weight W registered under the key in ``handle`` (``[..., out_features]``)."""
+    return torch.ops.mkldnn._linear_pointwise(x, _weights[int(handle)](), None, "none", [], "")
 
 
-def _packed_linear_shape(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+def _packed_linear_shape(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -60,15 +63,16 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_size)
-        self.key = next(_keys)
-        _weights[self.key] = weakref.ref(self.packed, lambda _, key=self.key: _weights.pop(key, None))
+        key = next(_keys)
+        _weights[key] = weakref.ref(self.packed, lambda _, key=key: _weights.pop(key, None))
+        self.register_buffer("handle", torch.tensor([key]), persistent=False)
 
     def nbytes(self) -> int:
         """Bytes of the packed weight (it is not a parameter or buffer, so ``parameters()`` does not see it)."""
         return self.packed.numel() * self.packed.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.llama_gen.packed_linear.default(x.to(self.dtype), self.key, self.out_features)
+        return torch.ops.llama_gen.packed_linear.default(x.to(self.dtype), self.handle, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.dtype}, oneDNN-packed"
