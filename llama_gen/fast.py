@@ -33,6 +33,7 @@ from llama_gen.quantize import quantize as quantize_model
 
 MIN_WINDOW = 64  # static windows (CUDA graphs): powers of two from this up to max_seq_len
 WINDOW_STEP = 16  # dynamic windows (otherwise): multiples of this
+PREFILL_ROWS = 1024  # prompt tokens (all sequences together) run at once; more only add temporaries
 
 
 # ---- fused projections ---------------------------------------------------------------------------------
@@ -197,9 +198,25 @@ class FastForward:
     def __call__(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
         """Returns float32 logits ``[b, seqlen, vocab]`` (``[b, 1, vocab]`` with last_only), like model.forward."""
         bsz, seqlen = tokens.shape
-        if seqlen > 1 or start_pos >= self.model.args.max_seq_len or bsz > self.model.args.max_batch_size:
-            return self.model.forward(tokens, start_pos, last_only=last_only)  # prompts (and its error messages)
+        args = self.model.args
+        if start_pos + seqlen > args.max_seq_len or bsz > args.max_batch_size:
+            return self.model.forward(tokens, start_pos, last_only=last_only)  # (its error message)
+        if seqlen > 1:
+            return self.prefill(tokens, start_pos, last_only)
         return self._decode(tokens, start_pos, self.window(start_pos))
+
+    def prefill(self, tokens: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
+        """Returns model.forward's logits for a prompt, run eagerly in chunks of about PREFILL_ROWS tokens in all.
+
+        A batch of long prompts in one piece holds every layer's activations for all its tokens at once (~120
+        MiB of temporaries for 8 x 512 tokens on the default model, a quarter of its weights and cache); the
+        chunks attend to the cache the earlier ones filled, as decoding does.
+        """
+        bsz, seqlen = tokens.shape
+        chunk = max(1, PREFILL_ROWS // bsz)
+        logits = [self.model.forward(tokens[:, start: start + chunk], start_pos + start, last_only=last_only)
+                  for start in range(0, seqlen, chunk)]
+        return logits[-1] if last_only else torch.cat(logits, dim=1)
 
     @property
     def static_windows(self) -> bool:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama_gen import parallel
+from llama_gen.memory import release_freed_memory
 
 
 @dataclass
@@ -200,6 +201,9 @@ class Transformer(nn.Module):
         args.max_batch_size = max_batch_size or args.max_batch_size
         args.max_seq_len = max_seq_len or args.max_seq_len
         weight = self.norm.weight
+        for layer in self.layers:  # free any old caches first: the new ones then reuse their memory
+            layer.attention.cache_k = layer.attention.cache_v = None
+        release_freed_memory()
         for layer in self.layers:
             layer.attention.setup_cache(args.max_batch_size, args.max_seq_len + spare_positions, weight.device,
                                         weight.dtype)
