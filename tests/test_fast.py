@@ -35,6 +35,19 @@ def test_fused_static_step_matches_eager(tiny_checkpoints, name):
     assert (stepwise_logits(fast, tokens, 20) - expected).abs().max().item() <= 1e-4
 
 
+def test_prompts_in_chunks_match_one_forward(tiny_checkpoints, monkeypatch):
+    monkeypatch.setattr(fast, "PREFILL_ROWS", 16)  # 3 prompts: chunks of 5 positions
+    _, ckpt = tiny_checkpoints["gqa"]
+    llama = build(ckpt)
+    torch.manual_seed(2)
+    tokens = torch.randint(0, 32000, (3, 23))
+    expected = llama.model.forward(tokens, 0)
+    chunked = FastForward(llama.model, compile=False)
+    assert (chunked(tokens, 0) - expected).abs().max().item() <= 1e-5
+    assert (chunked(tokens, 0, last_only=True) - expected[:, -1:]).abs().max().item() <= 1e-5
+    assert (chunked(tokens[:, -1:], 23) - llama.model.forward(tokens[:, -1:], 23)).abs().max().item() <= 1e-5
+
+
 def test_attention_window_covers_the_position():
     # dynamic windows (CPU): a multiple of 16
     assert [attention_window(p, 2048) for p in (0, 15, 16, 100, 2047)] == [16, 16, 32, 112, 2048]
