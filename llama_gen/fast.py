@@ -328,5 +328,5 @@ def prepare(model: Transformer, compile: bool = False, quantize: Optional[str] =
     layout = cpu_weight_layout(model) if compile else "plain"
     apply_layout(model, quantize, layout)
     fast = FastForward(model, compile=compile, aot=compile and uses_aot(model), quantize=quantize, layout=layout)
-    free_compiler_memory()  # what the replaced weights and caches leave resident (~50 MiB for the default model)
+    free_compiler_memory()  # the replaced layers, before the first prompt (bf16 b8 peak 591 vs 604 MiB without)
     return fast
