@@ -8,6 +8,9 @@ from typing import Callable, Optional
 import torch
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (file-backed pages are simply dropped)
+_MADV_HUGEPAGE = 14  # back this anonymous range with transparent huge pages where the kernel allows it
+HUGE_PAGE = 2 << 20
+TENSOR_ALIGNMENT = 64  # bytes: a cache line, and what vector loads and oneDNN prefer
 
 
 @functools.cache
@@ -41,6 +44,79 @@ def release_freed_memory() -> None:
     trim = getattr(_libc(), "malloc_trim", None)  # glibc only
     if trim is not None:
         trim(0)
+
+
+def huge_page_tensors(specs: list[tuple[torch.Size, torch.dtype]]) -> list[torch.Tensor]:
+    """Returns uninitialized CPU tensors of these shapes and dtypes, laid out one after another in one
+    allocation whose 2 MiB pages are advised as transparent huge pages (``madvise(MADV_HUGEPAGE)``).
+
+    Decoding streams every weight (and at long contexts the KV cache) once per step; on 4 KiB pages that is a
+    TLB miss every 4 KiB, and the hardware prefetchers stop at each page boundary. With its weights on huge
+    pages the default model's decode step is ~15-20 % shorter at batch 1 (float32 and bf16) and ~4 % at
+    batch 8 (float32); its KV caches gained nothing measurable (benchmarks/RESULTS.md). Where
+    the kernel gives no huge pages (THP "never", or no free 2 MiB blocks) the tensors are ordinary memory.
+    Nothing is touched here, so no memory is committed until the tensors are written.
+    """
+    offsets, total = [], 0
+    for shape, dtype in specs:
+        offsets.append(total)
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        total += -(-nbytes // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
+    raw = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)
+    skip = -raw.data_ptr() % HUGE_PAGE
+    arena = raw[skip: skip + total]
+    whole_pages = total // HUGE_PAGE * HUGE_PAGE  # a partial last page stays small: no memory beyond `total`
+    libc = _libc()
+    if libc is not None and whole_pages:
+        libc.madvise(ctypes.c_void_p(arena.data_ptr()), ctypes.c_size_t(whole_pages), _MADV_HUGEPAGE)
+    return [arena[offset: offset + torch.Size(shape).numel() * dtype.itemsize].view(dtype).view(shape)
+            for offset, (shape, dtype) in zip(offsets, specs)]
+
+
+def move_to_huge_pages(model: torch.nn.Module) -> None:
+    """Moves a CPU model's parameters and buffers, in place, into one huge_page_tensors allocation.
+
+    Embedding tables stay where they are: a step reads only its tokens' rows, and a memory-mapped table keeps
+    only those resident (a tied output layer reads it whole, so a table shared with one is moved). One tensor
+    at a time, each source freed (or its memory-mapped pages dropped) before the next is copied, so the
+    weights are never held twice. Shared tensors stay shared.
+    """
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    sources: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and tensor.device.type == "cpu":
+                    owners.setdefault(id(tensor), []).append((module, name))
+                    sources[id(tensor)] = tensor
+    targets = huge_page_tensors([(tensor.shape, tensor.dtype) for tensor in sources.values()])
+    for key, target in zip(list(sources), targets):
+        tensor = sources.pop(key)
+        old = tensor.detach()
+        copy_releasing(target, old)
+        if isinstance(tensor, torch.nn.Parameter):
+            tensor.data = target  # every module holding this parameter sees the move
+        else:
+            for module, name in owners[key]:
+                module._buffers[name] = target
+        del tensor, old
+        release_freed_memory()
+
+
+def copy_releasing(target: torch.Tensor, source: torch.Tensor, chunk_bytes: int = 16 << 20) -> None:
+    """Copies a contiguous CPU tensor into ``target`` in chunks, dropping each source chunk's memory-mapped pages
+    once copied (release_pages), so a large memory-mapped tensor is never resident twice."""
+    if not source.is_contiguous():
+        target.copy_(source)
+        release_pages(source)
+        return
+    flat_target, flat_source = target.view(-1), source.view(-1)
+    step = max(1, chunk_bytes // source.element_size())
+    for start in range(0, flat_source.numel(), step):
+        flat_target[start: start + step].copy_(flat_source[start: start + step])
+        release_pages(flat_source[start: start + step])
 
 
 def convert_weights(state: dict[str, torch.Tensor], dtype: torch.dtype,
