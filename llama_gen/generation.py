@@ -176,13 +176,13 @@ class Llama:
         check_shapes({k: v.shape for k, v in model.state_dict().items()}, state, ckpt_dir, args)
         model.load_state_dict(convert_weights(state, dtype, device), strict=True, assign=True)
         model = model.to(device).eval()  # moves the buffers that are not in the checkpoint
-        model.setup_caches(max_batch_size, max_seq_len)
+        fast_forward = None
         if compile or quantize:
             from llama_gen.fast import prepare
 
-            fast_forward = prepare(model, compile=compile, quantize=quantize)
-        else:
-            fast_forward = None
+            fast_forward = prepare(model, compile=compile, quantize=quantize)  # allocates the caches it needs
+        if model.rope is None:
+            model.setup_caches()  # sized by args: max_batch_size, max_seq_len
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"Loaded {ckpt_dir} in {time.time() - start:.2f} s ({dtype}, {device}, mp={mp_size})", file=sys.stderr)
         llama = Llama(model, tokenizer, read_generation_config(ckpt_dir), chat_format)
