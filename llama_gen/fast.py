@@ -317,8 +317,9 @@ def prepare(model: Transformer, compile: bool = False, quantize: Optional[str] =
     """Applies the load-time speed-ups in place and returns the forward to decode with (None: plain eager).
 
     Without model parallel: apply_layout with cpu_weight_layout's choice (with ``compile``; on CPU the weights
-    are then moved onto huge pages, llama_gen.memory.move_to_huge_pages), then the static-shape decode step, compiled on first use with ``compile``: ahead of time in a child process on CPU
-    (llama_gen.aot), else ``torch.compile``.
+    then move onto huge pages, llama_gen.memory.move_to_huge_pages), then the static-shape decode step,
+    compiled on first use with ``compile``: ahead of time in a child process on CPU (llama_gen.aot), else
+    ``torch.compile``.
     """
     if not (compile or quantize):
         return None

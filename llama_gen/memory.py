@@ -91,6 +91,8 @@ def move_to_huge_pages(model: torch.nn.Module) -> None:
                 if tensor is not None and tensor.device.type == "cpu":
                     owners.setdefault(id(tensor), []).append((module, name))
                     sources[id(tensor)] = tensor
+    if not sources:
+        return
     targets = huge_page_tensors([(tensor.shape, tensor.dtype) for tensor in sources.values()])
     for key, target in zip(list(sources), targets):
         tensor = sources.pop(key)
