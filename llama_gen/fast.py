@@ -170,8 +170,6 @@ class FastForward:
     def __init__(self, model: Transformer, compile: bool = True, mode: Optional[str] = None,
                  options: Optional[dict] = None, aot: bool = False, quantize: Optional[str] = None,
                  layout: str = "plain"):
-        if model.rope is None:
-            model.setup_caches()
         self.model = model
         device = model.norm.weight.device
         self.mask = causal_mask(model.args.max_seq_len, device)
@@ -179,7 +177,9 @@ class FastForward:
         self.compiled = compile
         self.step: Callable[..., torch.Tensor] = decode_step
         self.cuda_graphs = False
-        self.aot = AotStep(model, self.mask, quantize, layout) if compile and aot else None
+        self.aot = AotStep(model, self.mask, quantize, layout) if compile and aot else None  # sizes the caches
+        if model.rope is None:
+            model.setup_caches()
         if self.aot is not None:
             self.step = self.aot
         elif compile:

@@ -57,10 +57,10 @@ def huge_page_tensors(specs: list[tuple[torch.Size, torch.dtype]]) -> list[torch
     the kernel gives no huge pages (THP "never", or no free 2 MiB blocks) the tensors are ordinary memory.
     Nothing is touched here, so no memory is committed until the tensors are written.
     """
-    offsets, total = [], 0
+    spans, total = [], 0  # (offset, bytes) of each tensor
     for shape, dtype in specs:
-        offsets.append(total)
         nbytes = torch.Size(shape).numel() * dtype.itemsize
+        spans.append((total, nbytes))
         total += -(-nbytes // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
     raw = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)
     skip = -raw.data_ptr() % HUGE_PAGE
@@ -69,8 +69,8 @@ def huge_page_tensors(specs: list[tuple[torch.Size, torch.dtype]]) -> list[torch
     libc = _libc()
     if libc is not None and whole_pages:
         libc.madvise(ctypes.c_void_p(arena.data_ptr()), ctypes.c_size_t(whole_pages), _MADV_HUGEPAGE)
-    return [arena[offset: offset + torch.Size(shape).numel() * dtype.itemsize].view(dtype).view(shape)
-            for offset, (shape, dtype) in zip(offsets, specs)]
+    return [arena[offset: offset + nbytes].view(dtype).view(shape)
+            for (offset, nbytes), (shape, dtype) in zip(spans, specs)]
 
 
 def move_to_huge_pages(model: torch.nn.Module) -> None:
@@ -81,27 +81,25 @@ def move_to_huge_pages(model: torch.nn.Module) -> None:
     at a time, each source freed (or its memory-mapped pages dropped) before the next is copied, so the
     weights are never held twice. Shared tensors stay shared.
     """
-    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
-    sources: dict[int, torch.Tensor] = {}
+    moves: dict[int, tuple[torch.Tensor, list[tuple[torch.nn.Module, str]]]] = {}  # id -> tensor, its holders
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             continue
         for store in (module._parameters, module._buffers):
             for name, tensor in store.items():
                 if tensor is not None and tensor.device.type == "cpu":
-                    owners.setdefault(id(tensor), []).append((module, name))
-                    sources[id(tensor)] = tensor
-    if not sources:
+                    moves.setdefault(id(tensor), (tensor, []))[1].append((module, name))
+    if not moves:
         return
-    targets = huge_page_tensors([(tensor.shape, tensor.dtype) for tensor in sources.values()])
-    for key, target in zip(list(sources), targets):
-        tensor = sources.pop(key)
+    targets = huge_page_tensors([(tensor.shape, tensor.dtype) for tensor, _ in moves.values()])
+    for key, target in zip(list(moves), targets):
+        tensor, holders = moves.pop(key)  # the last reference here, so the source is freed below
         old = tensor.detach()
         copy_releasing(target, old)
         if isinstance(tensor, torch.nn.Parameter):
             tensor.data = target  # every module holding this parameter sees the move
         else:
-            for module, name in owners[key]:
+            for module, name in holders:
                 module._buffers[name] = target
         del tensor, old
         release_freed_memory()
