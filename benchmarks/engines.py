@@ -120,8 +120,9 @@ def random_llama(device: str, dtype: torch.dtype, max_seq_len: int, max_batch: i
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    model.setup_caches(max_batch, max_seq_len)
     fast = prepare(model, compile=compile, quantize=quantize) if (compile or quantize) else None
+    if model.rope is None:  # not yet allocated by the fast path: allocate the KV caches once, as Llama.build does
+        model.setup_caches()
     llama = Llama(model, load_tokenizer(LLAMA2_TOKENIZER))
     llama.fast_forward = fast
     return llama
