@@ -2,7 +2,6 @@
 
 import os
 import platform
-import statistics
 import subprocess
 import time
 
@@ -49,7 +48,8 @@ def _sync(device: str) -> None:
 def memory_bandwidth(device: str = "cpu", gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
     """Returns the measured read bandwidth (GB/s, a large tensor's sum) and copy bandwidth (read + write).
 
-    The tensor is far larger than the caches; the median of ``repeats`` timings after a warm-up is used. On CPU
+    The tensor is far larger than the caches; the best of ``repeats`` timings after a warm-up is used (STREAM's
+    convention: what the memory system can deliver; other tenants of a shared machine only slow it down). On CPU
     the tensors sit on transparent huge pages, like the weights of our compiled path (on 4 KiB pages this probe
     read ~10 % less on the AMD EPYC of benchmarks/RESULTS.md: 28.7-31.0 vs 31.5-34.0 GB/s).
     """
@@ -70,7 +70,7 @@ def memory_bandwidth(device: str = "cpu", gib: float = 1.0, repeats: int = 5) ->
             fn()
             _sync(device)
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return min(times)
 
     nbytes = x.numel() * x.element_size()
     read = nbytes / timed(lambda: x.sum()) / 1e9

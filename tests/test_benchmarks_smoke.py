@@ -21,7 +21,8 @@ def test_bench_harness_runs_on_a_tiny_model(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["bandwidth"]["read_gbs"] > 0
+    probes = [probe["read_gbs"] for probe in report["bandwidth_probes"]]  # before and after the engines
+    assert len(probes) == 2 and min(probes) > 0 and report["bandwidth"]["read_gbs"] == max(probes)
     engines = {r["engine"]: r for r in report["results"]}
     assert set(engines) == {"ours fp32 (eager)", "ours int8 (eager)", "hf fp32"}, engines
     for r in engines.values():
