@@ -21,8 +21,10 @@ def test_bench_harness_runs_on_a_tiny_model(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    probes = [probe["read_gbs"] for probe in report["bandwidth_probes"]]  # before and after the engines
-    assert len(probes) == 2 and min(probes) > 0 and report["bandwidth"]["read_gbs"] == max(probes)
+    probes = [probe["read_gbs"] for probe in report["bandwidth_probes"]]  # before, between and after the engines
+    assert len(probes) == len(report["results"]) + 1 and min(probes) > 0
+    for i, r in enumerate(report["results"]):  # each engine against the best of the probes around it
+        assert r["probe_read_gbs"] == max(probes[i], probes[i + 1])
     engines = {r["engine"]: r for r in report["results"]}
     assert set(engines) == {"ours fp32 (eager)", "ours int8 (eager)", "hf fp32"}, engines
     for r in engines.values():
