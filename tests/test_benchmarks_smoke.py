@@ -16,15 +16,18 @@ def test_bench_harness_runs_on_a_tiny_model(tmp_path):
     out = tmp_path / "results.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--model", "tiny", "--ours", "fp32,int8",
            "--contenders", "hf", "--runs", "1", "--prompt-len", "16", "--new-tokens", "24", "--batch-sizes", "1,2",
-           "--max-seq-len", "64", "--no-compile", "--bandwidth-gib", "0.02", "--json", str(out),
+           "--max-seq-len", "64", "--no-compile", "--bandwidth-gib", "0.02", "--rounds", "2", "--json", str(out),
            "--markdown", str(tmp_path / "results.md")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     probes = [probe["read_gbs"] for probe in report["bandwidth_probes"]]  # before, between and after the engines
-    assert len(probes) == len(report["results"]) + 1 and min(probes) > 0
-    for i, r in enumerate(report["results"]):  # each engine against the best of the probes around it
-        assert r["probe_read_gbs"] == max(probes[i], probes[i + 1])
+    assert len(probes) == 2 * len(report["results"]) + 1 and min(probes) > 0  # 2 rounds
+    for r, rounds in zip(report["results"], report["rounds"].values()):  # each engine: its best round, worst memory
+        assert r["rounds"] == len(rounds) == 2
+        assert r["decode"]["2"]["tps"] == max(x["decode"]["2"]["tps"] for x in rounds)
+        assert r["peak_mib"] == max(x["peak_mib"] for x in rounds)
+        assert r["probe_read_gbs"] in [max(a, b) for a, b in zip(probes, probes[1:])]
     engines = {r["engine"]: r for r in report["results"]}
     assert set(engines) == {"ours fp32 (eager)", "ours int8 (eager)", "hf fp32"}, engines
     for r in engines.values():
