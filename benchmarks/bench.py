@@ -297,6 +297,8 @@ def main(argv=None) -> None:
     p.add_argument("--markdown", help="write the report (tables) to this markdown file")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.runs < 1:
+        p.error("--rounds and --runs must be at least 1")
 
     if args.worker:
         cfg = json.loads(Path(args.worker[0]).read_text())
