@@ -38,3 +38,19 @@ def test_bench_harness_runs_on_a_tiny_model(tmp_path):
     assert engines["ours fp32 (eager)"]["decode"]["1"]["tokens"] == engines["hf fp32"]["decode"]["1"]["tokens"]
     table = (tmp_path / "results.md").read_text()
     assert "ours fp32 (eager) / hf fp32" in table
+
+
+def test_best_of_rounds_takes_each_speed_from_its_best_round_and_skips_failed_rounds():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench import best_of_rounds
+
+    def run(prefill, b1, b8, peak, probe):
+        return {"engine": "e", "prefill_tps": prefill, "ttft_s": 1 / prefill, "peak_mib": peak, "compile_s": None,
+                "probe_read_gbs": probe, "decode": {"1": {"tps": b1, "tokens": [1, 2]}, "8": {"tps": b8, "tokens": [1, 2]}}}
+
+    failed = {"engine": "e", "error": "killed"}
+    best = best_of_rounds([run(100, 10, 50, 900, 30.0), failed, run(90, 12, 40, 950, 55.0)])
+    assert best["rounds"] == 2 and best["prefill_tps"] == 100 and best["ttft_s"] == 1 / 100
+    assert best["decode"]["1"]["tps"] == 12 and best["probe_read_gbs"] == 55.0  # batch 1 with its own probe
+    assert best["decode"]["8"]["tps"] == 50 and best["peak_mib"] == 950 and best["compile_s"] is None
+    assert best_of_rounds([failed, failed]) == failed
