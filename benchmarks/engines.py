@@ -121,8 +121,7 @@ def random_llama(device: str, dtype: torch.dtype, max_seq_len: int, max_batch: i
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     fast = prepare(model, compile=compile, quantize=quantize) if (compile or quantize) else None
-    if model.rope is None:  # not yet allocated by the fast path: allocate the KV caches once, as Llama.build does
-        model.setup_caches()
+    model.ensure_caches()  # unless prepare() has: allocated once either way, as in Llama.build
     llama = Llama(model, load_tokenizer(LLAMA2_TOKENIZER))
     llama.fast_forward = fast
     return llama

@@ -178,8 +178,7 @@ class FastForward:
         self.step: Callable[..., torch.Tensor] = decode_step
         self.cuda_graphs = False
         self.aot = AotStep(model, self.mask, quantize, layout) if compile and aot else None  # sizes the caches
-        if model.rope is None:
-            model.setup_caches()
+        model.ensure_caches()
         if self.aot is not None:
             self.step = self.aot
         elif compile:

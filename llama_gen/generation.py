@@ -181,8 +181,7 @@ class Llama:
             from llama_gen.fast import prepare
 
             fast_forward = prepare(model, compile=compile, quantize=quantize)  # allocates the caches it needs
-        if model.rope is None:
-            model.setup_caches()  # sized by args: max_batch_size, max_seq_len
+        model.ensure_caches()  # unless prepare() has, sized for the fast path: allocated once either way
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"Loaded {ckpt_dir} in {time.time() - start:.2f} s ({dtype}, {device}, mp={mp_size})", file=sys.stderr)
         llama = Llama(model, tokenizer, read_generation_config(ckpt_dir), chat_format)

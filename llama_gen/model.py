@@ -211,6 +211,11 @@ class Transformer(nn.Module):
             args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling_factors()
         ).to(weight.device)
 
+    def ensure_caches(self) -> None:
+        """Allocates the KV caches and rotary table (setup_caches, sized by args) unless they already exist."""
+        if self.rope is None:
+            self.setup_caches()
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
         """Returns float32 logits ``[batch, seqlen, vocab]`` for ``tokens`` placed at positions start_pos...
@@ -218,8 +223,7 @@ class Transformer(nn.Module):
         The KV cache is filled for those positions, so decoding continues with ``start_pos + seqlen``. With
         ``last_only`` only the last position's logits are computed (``[batch, 1, vocab]``): all a sampler needs.
         """
-        if self.rope is None:
-            self.setup_caches()
+        self.ensure_caches()
         bsz, seqlen = tokens.shape
         if start_pos + seqlen > self.args.max_seq_len or bsz > self.args.max_batch_size:
             raise ValueError(
