@@ -18,7 +18,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 PROMPTS = [
     "The capital of France is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "Once upon a time, in a small village by the sea,",
     "The three laws of thermodynamics are",
     "Q: What is 17 times 23?\nA:",
@@ -30,10 +30,10 @@ PROMPTS = [
 
 def teacher_forced_logits(llama, tokens: list[int], prompt_len: int) -> torch.Tensor:
     """Logits [len - 1, vocab]: a prefill of the prompt, then one decode step per following token."""
-    forward = llama.fast_forward or llama.model.forward
+    forward = llama.forward
     ids = torch.tensor([tokens])
     steps = [forward(ids[:, :prompt_len], 0)[0]]
-    steps += [forward(ids[:, i:i + 1], i)[0] for i in range(prompt_len, len(tokens) - 1)]
+    steps += [forward(ids[:, i : i + 1], i)[0] for i in range(prompt_len, len(tokens) - 1)]
     return torch.cat(steps)
 
 
@@ -74,33 +74,40 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from llama_gen import Llama
+    from llama_gen.fast import FastForward
 
     common = dict(max_seq_len=512, max_batch_size=len(PROMPTS), device="cpu", dtype="float32")
     reference = Llama.build(**common)
     reference.eos_ids = []
     prompts = [reference.tokenizer.encode(t, bos=False, eos=False) for t in PROMPTS]
     rows = []
-    for name, kwargs in [("fp32 fast path (fused, static step)", dict(compile=not args.no_compile)),
-                         ("int8 weights", dict(compile=not args.no_compile, quantize="int8"))]:
+    for name, kwargs in [
+        ("fp32 fast path (fused, static step)", dict(compile=not args.no_compile)),
+        ("int8 weights", dict(compile=not args.no_compile, quantize="int8")),
+    ]:
         if "quantize" not in kwargs and not kwargs["compile"]:
             continue  # the uncompiled fp32 fast path is pinned by tests/test_fast.py
         other = Llama.build(**common, **kwargs)
+        if not isinstance(other.forward, FastForward):
+            other = Llama(other.model, other.tokenizer, forward=FastForward(other.model, compile=False))
         other.eos_ids = []
-        if other.fast_forward is None:
-            from llama_gen.fast import FastForward
-
-            other.fast_forward = FastForward(other.model, compile=False)
         rows.append((name, compare(reference, other, prompts, args.new_tokens)))
         del other
-    print(f"Against eager fp32, {len(PROMPTS)} prompts, {args.new_tokens} greedy tokens each, "
-          f"{'compiled' if not args.no_compile else 'uncompiled'} decode step:\n")
-    print("| variant | logit max abs Δ | logit mean abs Δ | teacher-forced top-1 agreement "
-          "| identical greedy outputs | mean common prefix |")
+    print(
+        f"Against eager fp32, {len(PROMPTS)} prompts, {args.new_tokens} greedy tokens each, "
+        f"{'compiled' if not args.no_compile else 'uncompiled'} decode step:\n"
+    )
+    print(
+        "| variant | logit max abs Δ | logit mean abs Δ | teacher-forced top-1 agreement "
+        "| identical greedy outputs | mean common prefix |"
+    )
     print("|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['logit_max_abs_delta']:.4f} | {r['logit_mean_abs_delta']:.4f} | "
-              f"{100 * r['teacher_forced_top1_agreement']:.1f}% | {r['identical_greedy_outputs']}/{r['prompts']} | "
-              f"{r['mean_common_prefix']:.1f} / {r['new_tokens']} |")
+        print(
+            f"| {name} | {r['logit_max_abs_delta']:.4f} | {r['logit_mean_abs_delta']:.4f} | "
+            f"{100 * r['teacher_forced_top1_agreement']:.1f}% | {r['identical_greedy_outputs']}/{r['prompts']} | "
+            f"{r['mean_common_prefix']:.1f} / {r['new_tokens']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -56,17 +56,19 @@ def median_time(fn, runs: int) -> float:
 
 
 def run_worker(cfg: dict) -> dict:
-    import torch
-
     import machine
+    import torch
     from engines import ModelSpec, make_engine, timed
 
     base_rss = machine.rss_mib()  # right after `import torch`
     torch.set_num_threads(cfg["threads"])
     device, runs, new = cfg["device"], cfg["runs"], cfg["new_tokens"]
     spec = ModelSpec(**cfg["model"])
-    load_s, engine = timed(lambda: make_engine(cfg["engine"], spec, device, cfg["threads"], cfg["max_seq_len"],
-                                               max(cfg["batch_sizes"]), cfg["compile"]))
+    load_s, engine = timed(
+        lambda: make_engine(
+            cfg["engine"], spec, device, cfg["threads"], cfg["max_seq_len"], max(cfg["batch_sizes"]), cfg["compile"]
+        )
+    )
     result = {"engine": engine.name, "load_s": load_s, "rss_loaded_mib": machine.rss_mib() - base_rss}
     batch_sizes = [b for b in cfg["batch_sizes"] if b <= engine.max_batch]
     start = time.perf_counter()
@@ -82,7 +84,7 @@ def run_worker(cfg: dict) -> dict:
 
     result["decode"] = {}
     for bsz in batch_sizes:
-        prompts = [cfg["prompt"][i * 7: i * 7 + DECODE_PROMPT_LEN] for i in range(bsz)]
+        prompts = [cfg["prompt"][i * 7 : i * 7 + DECODE_PROMPT_LEN] for i in range(bsz)]
         outputs = engine.generate(prompts, new)  # warm-up (and the tokens we compare across engines)
         assert all(len(o) == new for o in outputs), [len(o) for o in outputs]
         first = median_time(lambda: engine.generate(prompts, 1), runs)
@@ -98,8 +100,11 @@ def run_worker(cfg: dict) -> dict:
         result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     else:
         result["peak_mib"] = machine.peak_rss_mib() - base_rss
-    result.update(weights_mib=engine.weights_bytes / 2**20, kv_mib=engine.kv_bytes / 2**20,
-                  read_bytes_per_token=engine.read_bytes_per_token)
+    result.update(
+        weights_mib=engine.weights_bytes / 2**20,
+        kv_mib=engine.kv_bytes / 2**20,
+        read_bytes_per_token=engine.read_bytes_per_token,
+    )
     return result
 
 
@@ -117,15 +122,24 @@ def default_model_spec() -> dict:
 def tiny_model_spec(workdir: Path) -> dict:
     """A tiny random Llama (vocab 32000, Llama 2 tokenizer) saved for transformers and converted for us."""
     import torch
+    from engines import LLAMA2_TOKENIZER
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engines import LLAMA2_TOKENIZER
     from llama_gen.convert import convert_hf
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
-                         num_key_value_heads=2, intermediate_size=176, max_position_embeddings=1024,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=176,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     hf_dir, ckpt = workdir / "hf", workdir / "meta"
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -139,6 +153,7 @@ def tiny_model_spec(workdir: Path) -> dict:
 
 def prompt_tokens(spec: dict, n: int) -> list[int]:
     from engines import LLAMA2_TOKENIZER
+
     from llama_gen.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(spec.get("tokenizer_path") or spec.get("ckpt_dir") or LLAMA2_TOKENIZER)
@@ -166,8 +181,13 @@ def run_engine(name: str, cfg: dict, timeout: float) -> dict:
         cfg_path, out_path = Path(tmp) / "cfg.json", Path(tmp) / "out.json"
         cfg_path.write_text(json.dumps({**cfg, "engine": name}))
         env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "MKL_NUM_THREADS": str(cfg["threads"])}
-        proc = subprocess.run([sys.executable, str(Path(__file__)), "--worker", str(cfg_path), str(out_path)],
-                              env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__)), "--worker", str(cfg_path), str(out_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if proc.returncode != 0 or not out_path.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             return {"engine": name, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
@@ -206,9 +226,11 @@ def fmt(x, spec: str = ".1f") -> str:
 
 def results_table(results: list[dict], batch_sizes: list[int]) -> str:
     """Returns the per-engine markdown table; "% of BW" is against the engine's own probe (``probe_read_gbs``)."""
-    head = (["engine", "prefill tok/s", "TTFT ms"] + [f"decode b{b} tok/s" for b in batch_sizes]
-            + ["peak MiB", "weights+KV MiB", "peak/(w+KV)", "GB/s (b1)", "probe GB/s", "% of BW", "compile s",
-               "load s"])
+    head = (
+        ["engine", "prefill tok/s", "TTFT ms"]
+        + [f"decode b{b} tok/s" for b in batch_sizes]
+        + ["peak MiB", "weights+KV MiB", "peak/(w+KV)", "GB/s (b1)", "probe GB/s", "% of BW", "compile s", "load s"]
+    )
     rows = []
     for r in results:
         if "error" in r:
@@ -219,29 +241,42 @@ def results_table(results: list[dict], batch_sizes: list[int]) -> str:
         achieved = r["read_bytes_per_token"] * b1 / 1e9 if b1 else None
         probe = r["probe_read_gbs"]
         wkv = r["weights_mib"] + r["kv_mib"]
-        rows.append([r["engine"], fmt(r["prefill_tps"]), fmt(r["ttft_s"] * 1000, ".0f")] + [fmt(d) for d in decode]
-                    + [fmt(r["peak_mib"], ".0f"), fmt(wkv, ".0f"), fmt(r["peak_mib"] / wkv, ".2f"),
-                       fmt(achieved), fmt(probe), fmt(achieved and 100 * achieved / probe, ".0f"),
-                       fmt(r.get("compile_s")), fmt(r["load_s"])])
+        rows.append(
+            [r["engine"], fmt(r["prefill_tps"]), fmt(r["ttft_s"] * 1000, ".0f")]
+            + [fmt(d) for d in decode]
+            + [
+                fmt(r["peak_mib"], ".0f"),
+                fmt(wkv, ".0f"),
+                fmt(r["peak_mib"] / wkv, ".2f"),
+                fmt(achieved),
+                fmt(probe),
+                fmt(achieved and 100 * achieved / probe, ".0f"),
+                fmt(r.get("compile_s")),
+                fmt(r["load_s"]),
+            ]
+        )
     return markdown_table(head, rows)
 
 
 def ratio_table(results: list[dict], batch_sizes: list[int]) -> str:
     ours = [r for r in results if r["engine"].startswith("ours") and "error" not in r]
     others = [r for r in results if not r["engine"].startswith("ours") and "error" not in r]
-    head = (["ours / contender", "prefill", "TTFT (lower is better)"] + [f"decode b{b}" for b in batch_sizes]
-            + ["peak mem"])
+    head = (
+        ["ours / contender", "prefill", "TTFT (lower is better)"] + [f"decode b{b}" for b in batch_sizes] + ["peak mem"]
+    )
     rows = []
     for o in ours:
         for c in others:
+
             def ratio(get):
                 a, b = get(o), get(c)
                 return fmt(a / b, ".2f") + "×" if a and b else "—"
 
-            rows.append([f"{o['engine']} / {c['engine']}", ratio(lambda r: r["prefill_tps"]),
-                         ratio(lambda r: r["ttft_s"])]
-                        + [ratio(lambda r, b=b: r["decode"].get(str(b), {}).get("tps")) for b in batch_sizes]
-                        + [ratio(lambda r: r["peak_mib"])])
+            rows.append(
+                [f"{o['engine']} / {c['engine']}", ratio(lambda r: r["prefill_tps"]), ratio(lambda r: r["ttft_s"])]
+                + [ratio(lambda r, b=b: r["decode"].get(str(b), {}).get("tps")) for b in batch_sizes]
+                + [ratio(lambda r: r["peak_mib"])]
+            )
     return markdown_table(head, rows) if rows else ""
 
 
@@ -262,8 +297,14 @@ def agreement(results: list[dict]) -> str:
 def child_peaks(results: list[dict]) -> str:
     """Returns a line with the peak memory of the compiler child processes, for engines that ran any."""
     peaks = [f"{r['engine']} {r['child_peak_mib']:.0f} MiB" for r in results if r.get("child_peak_mib")]
-    return ("Peak resident memory of compiler child processes (ahead-of-time builds; not in the engine's peak "
-            "above): " + "; ".join(peaks)) if peaks else ""
+    return (
+        (
+            "Peak resident memory of compiler child processes (ahead-of-time builds; not in the engine's peak "
+            "above): " + "; ".join(peaks)
+        )
+        if peaks
+        else ""
+    )
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
@@ -275,17 +316,24 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", choices=["default", "tiny", "7b-random"])
-    p.add_argument("--ours", default="fp32,int8",
-                   help="our variants: fp32, bf16, int8 (fp32 activations), int8-bf16 (bf16 activations); a suffix "
-                        "@N builds that variant with max_batch_size=N (timed at batch sizes <= N only)")
+    p.add_argument(
+        "--ours",
+        default="fp32,int8",
+        help="our variants: fp32, bf16, int8 (fp32 activations), int8-bf16 (bf16 activations); a suffix "
+        "@N builds that variant with max_batch_size=N (timed at batch sizes <= N only)",
+    )
     p.add_argument("--contenders", default="hf,llamacpp", help="comma list of hf, llamacpp (skipped if not installed)")
     p.add_argument("--hf-dtypes", default="fp32", help="dtypes HF transformers runs in, e.g. fp32,bf16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run every engine this many times, in alternating order, and report each one's best round "
-                        "(memory: its worst); on a shared machine whose bandwidth drifts, 2 makes ratios steadier")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every engine this many times, in alternating order, and report each one's best round "
+        "(memory: its worst); on a shared machine whose bandwidth drifts, 2 makes ratios steadier",
+    )
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", default="1,8")
@@ -305,9 +353,8 @@ def main(argv=None) -> None:
         Path(args.worker[1]).write_text(json.dumps(run_worker(cfg)))
         return
 
-    import torch
-
     import machine
+    import torch
 
     torch.set_num_threads(args.threads)
     names = engine_names(args)
@@ -327,9 +374,18 @@ def main(argv=None) -> None:
         # apart on the AMD EPYC of RESULTS.md): it is probed between engines, and each engine's reference is the
         # best of the probes just before and just after it.
         probes = [machine.memory_bandwidth(args.device, args.bandwidth_gib)]
-        cfg = dict(model=spec, device=args.device, threads=args.threads, runs=args.runs, new_tokens=args.new_tokens,
-                   prompt_len=args.prompt_len, batch_sizes=batch_sizes, max_seq_len=args.max_seq_len,
-                   compile=not args.no_compile, prompt=prompt_tokens(spec, max(args.prompt_len, 7 * 8 + 64)))
+        cfg = dict(
+            model=spec,
+            device=args.device,
+            threads=args.threads,
+            runs=args.runs,
+            new_tokens=args.new_tokens,
+            prompt_len=args.prompt_len,
+            batch_sizes=batch_sizes,
+            max_seq_len=args.max_seq_len,
+            compile=not args.no_compile,
+            prompt=prompt_tokens(spec, max(args.prompt_len, 7 * 8 + 64)),
+        )
         per_engine: dict[str, list[dict]] = {name: [] for name in names}
         for round_index in range(args.rounds):
             # Alternate the order, so that no engine always runs in the same stretch of a drifting machine.
@@ -345,23 +401,43 @@ def main(argv=None) -> None:
         bandwidth = {key: max(probe[key] for probe in probes) for key in probes[0]}
 
     reads = [probe["read_gbs"] for probe in probes]
-    header = (f"Machine: {machine.describe(args.device)}; measured read bandwidth {min(reads):.1f}-{max(reads):.1f} "
-              f"GB/s ({len(reads)} probes, between engines; copy up to {bandwidth['copy_gbs']:.1f} GB/s). "
-              f"Date {datetime.date.today()}, commit {machine.git_commit()}.\n"
-              f"Command: `python benchmarks/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
-              f"model {args.model}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
-              f"{args.threads} threads, medians of {args.runs} runs"
-              + (f", best of {args.rounds} rounds (engines in alternating order)." if args.rounds > 1 else "."))
-    report = "\n\n".join(x for x in [header, results_table(results, batch_sizes),
-                                     ratio_table(results, batch_sizes), agreement(results),
-                                     child_peaks(results)] if x)
+    header = (
+        f"Machine: {machine.describe(args.device)}; measured read bandwidth {min(reads):.1f}-{max(reads):.1f} "
+        f"GB/s ({len(reads)} probes, between engines; copy up to {bandwidth['copy_gbs']:.1f} GB/s). "
+        f"Date {datetime.date.today()}, commit {machine.git_commit()}.\n"
+        f"Command: `python benchmarks/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
+        f"model {args.model}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+        f"{args.threads} threads, medians of {args.runs} runs"
+        + (f", best of {args.rounds} rounds (engines in alternating order)." if args.rounds > 1 else ".")
+    )
+    report = "\n\n".join(
+        x
+        for x in [
+            header,
+            results_table(results, batch_sizes),
+            ratio_table(results, batch_sizes),
+            agreement(results),
+            child_peaks(results),
+        ]
+        if x
+    )
     print(report)
     if args.markdown:
         Path(args.markdown).write_text(report + "\n")
     if args.json:
         config = {k: v for k, v in cfg.items() if k != "prompt"}
-        Path(args.json).write_text(json.dumps({"bandwidth": bandwidth, "bandwidth_probes": probes, "results": results,
-                                               "rounds": per_engine, "config": config}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "bandwidth": bandwidth,
+                    "bandwidth_probes": probes,
+                    "results": results,
+                    "rounds": per_engine,
+                    "config": config,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

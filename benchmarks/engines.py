@@ -7,7 +7,6 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -22,13 +21,13 @@ class ModelSpec:
     """Where each engine finds the model. ``kind``: default | tiny | 7b-random."""
 
     kind: str
-    ckpt_dir: Optional[str] = None  # our Meta-style checkpoint
-    tokenizer_path: Optional[str] = None
-    hf_dir: Optional[str] = None  # Hugging Face directory (holding the GGUF file, or config.json + weights)
-    gguf_file: Optional[str] = None  # file name inside hf_dir
+    ckpt_dir: str | None = None  # our Meta-style checkpoint
+    tokenizer_path: str | None = None
+    hf_dir: str | None = None  # Hugging Face directory (holding the GGUF file, or config.json + weights)
+    gguf_file: str | None = None  # file name inside hf_dir
 
     @property
-    def gguf_path(self) -> Optional[str]:
+    def gguf_path(self) -> str | None:
         return str(Path(self.hf_dir) / self.gguf_file) if self.gguf_file else None
 
 
@@ -55,7 +54,7 @@ class Engine:
     weights_bytes = 0
     read_bytes_per_token = 0
     kv_bytes = 0
-    compile_s: Optional[float] = None
+    compile_s: float | None = None
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
         raise NotImplementedError
@@ -68,10 +67,9 @@ class Engine:
 
 
 class Ours(Engine):
-    def __init__(self, spec: ModelSpec, variant: str, device: str, max_seq_len: int, max_batch: int,
-                 compile: bool):
+    def __init__(self, spec: ModelSpec, variant: str, device: str, max_seq_len: int, max_batch: int, compile: bool):
         from llama_gen import Llama
-        from llama_gen.packed import PackedLinear
+        from llama_gen.fast.packed import PackedLinear
 
         quantize = "int8" if variant.startswith("int8") else None
         dtype = variant.split("-")[1] if quantize and "-" in variant else ("fp32" if quantize else variant)
@@ -81,21 +79,30 @@ class Ours(Engine):
         if spec.kind == "7b-random":
             self.llama = random_llama(device, TORCH_DTYPES[dtype], max_seq_len, max_batch, compile, quantize)
         else:
-            self.llama = Llama.build(spec.ckpt_dir, tokenizer_path=spec.tokenizer_path, max_seq_len=max_seq_len,
-                                     max_batch_size=max_batch, device=device, dtype=dtype, compile=compile,
-                                     quantize=quantize)
+            self.llama = Llama.build(
+                spec.ckpt_dir,
+                tokenizer_path=spec.tokenizer_path,
+                max_seq_len=max_seq_len,
+                max_batch_size=max_batch,
+                device=device,
+                dtype=dtype,
+                compile=compile,
+                quantize=quantize,
+            )
         self.llama.eos_ids = []  # always decode exactly new_tokens, like the other engines
         model = self.llama.model
         self.weights_bytes = tensor_bytes([*model.parameters(), *model.buffers()]) + sum(
-            m.nbytes() for m in model.modules() if isinstance(m, PackedLinear))  # packed weights are neither
+            m.nbytes() for m in model.modules() if isinstance(m, PackedLinear)
+        )  # packed weights are neither
         embedding = tensor_bytes([*model.tok_embeddings.parameters(), *model.tok_embeddings.buffers()])
         self.read_bytes_per_token = self.weights_bytes - embedding  # decoding reads one embedding row
-        self.kv_bytes = tensor_bytes([t for layer in model.layers
-                                      for t in (layer.attention.cache_k, layer.attention.cache_v)])
+        self.kv_bytes = tensor_bytes(
+            [t for layer in model.layers for t in (layer.attention.cache_k, layer.attention.cache_v)]
+        )
 
     def warm_up(self, batch_sizes: list[int], max_pos: int) -> None:
-        fast = self.llama.fast_forward
-        if fast is not None:
+        fast = self.llama.forward  # a FastForward when built with compile or quantize
+        if hasattr(fast, "warm_up"):
             fast.warm_up(tuple(batch_sizes), max_pos)
             self.compile_s = sum(fast.compile_seconds.values())
 
@@ -105,11 +112,11 @@ class Ours(Engine):
         return out
 
 
-def random_llama(device: str, dtype: torch.dtype, max_seq_len: int, max_batch: int, compile: bool,
-                 quantize: Optional[str]):
+def random_llama(
+    device: str, dtype: torch.dtype, max_seq_len: int, max_batch: int, compile: bool, quantize: str | None
+):
     """Returns a Llama with a 7B-shaped random-weight model (no checkpoint needed) and the Llama 2 tokenizer."""
     from llama_gen import Llama
-    from llama_gen.fast import prepare
     from llama_gen.model import ModelArgs, Transformer
     from llama_gen.tokenizer import load_tokenizer
 
@@ -120,11 +127,7 @@ def random_llama(device: str, dtype: torch.dtype, max_seq_len: int, max_batch: i
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    fast = prepare(model, compile=compile, quantize=quantize) if (compile or quantize) else None
-    model.ensure_caches()  # unless prepare() has: allocated once either way, as in Llama.build
-    llama = Llama(model, load_tokenizer(LLAMA2_TOKENIZER))
-    llama.fast_forward = fast
-    return llama
+    return Llama.from_model(model, load_tokenizer(LLAMA2_TOKENIZER), compile=compile, quantize=quantize)
 
 
 # ---- Hugging Face transformers ----------------------------------------------------------------------
@@ -140,9 +143,14 @@ class HF(Engine):
             from llama_gen.model import ModelArgs
 
             args = ModelArgs(**SEVEN_B)
-            config = LlamaConfig(hidden_size=args.dim, num_hidden_layers=args.n_layers,
-                                 num_attention_heads=args.n_heads, num_key_value_heads=args.kv_heads,
-                                 intermediate_size=args.ffn_hidden_dim, vocab_size=args.vocab_size)
+            config = LlamaConfig(
+                hidden_size=args.dim,
+                num_hidden_layers=args.n_layers,
+                num_attention_heads=args.n_heads,
+                num_key_value_heads=args.kv_heads,
+                intermediate_size=args.ffn_hidden_dim,
+                vocab_size=args.vocab_size,
+            )
             with torch.device(device):
                 model = LlamaForCausalLM._from_config(config, dtype=torch_dtype)
         elif spec.gguf_file:
@@ -164,11 +172,17 @@ class HF(Engine):
     def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
         ids = torch.tensor(prompts, device=self.device)
         with torch.inference_mode():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
         sync(self.device)
         self.kv_bytes = max(self.kv_bytes, self.kv_per_token * out.numel())  # a dynamic cache: as long as used
-        return out[:, ids.shape[1]:].tolist()
+        return out[:, ids.shape[1] :].tolist()
 
 
 # ---- llama.cpp ----------------------------------------------------------------------------------------
@@ -183,9 +197,16 @@ class LlamaCpp(Engine):
 
         self.np = np
         self.name = f"llama.cpp {Path(spec.gguf_file).stem.rsplit('.', 1)[-1]}"
-        self.llm = CppLlama(model_path=spec.gguf_path, n_ctx=max_seq_len, n_threads=threads, n_threads_batch=threads,
-                            n_batch=512, n_ubatch=512, n_gpu_layers=-1 if device.startswith("cuda") else 0,
-                            verbose=False)
+        self.llm = CppLlama(
+            model_path=spec.gguf_path,
+            n_ctx=max_seq_len,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=512,
+            n_ubatch=512,
+            n_gpu_layers=-1 if device.startswith("cuda") else 0,
+            verbose=False,
+        )
         self.weights_bytes, self.read_bytes_per_token, layers, kv_dim = gguf_sizes(spec.gguf_path)
         self.kv_bytes = 2 * layers * kv_dim * max_seq_len * 2  # f16 K and V for n_ctx positions
 
@@ -217,8 +238,9 @@ def gguf_sizes(path: str) -> tuple[int, int, int, int]:
     return total, read, layers, kv_dim
 
 
-def make_engine(name: str, spec: ModelSpec, device: str, threads: int, max_seq_len: int, max_batch: int,
-                compile: bool) -> Engine:
+def make_engine(
+    name: str, spec: ModelSpec, device: str, threads: int, max_seq_len: int, max_batch: int, compile: bool
+) -> Engine:
     """name: ``ours:fp32`` / ``ours:int8`` / ``ours:fp32@1`` (built with max_batch_size=1) / ``hf:fp32`` / ``llamacpp``."""
     kind, _, variant = name.partition(":")
     if kind == "ours":

@@ -5,25 +5,35 @@ checkpoint saved with N shards runs on M model-parallel ranks for any N, M where
 when M exceeds the number of KV heads, each KV head is replicated so every rank holds whole heads.
 """
 
+import ctypes
+import functools
 import json
+import mmap
 import re
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
 from llama_gen.model import ModelArgs
 
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (file-backed pages are simply dropped)
+
 # Which dimension each weight is split along across model-parallel ranks (None: replicated).
-COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-                   "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
+COLUMN_PARALLEL = (
+    "attention.wq.weight",
+    "attention.wk.weight",
+    "attention.wv.weight",
+    "feed_forward.w1.weight",
+    "feed_forward.w3.weight",
+    "output.weight",
+)
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
 KV_WEIGHTS = ("attention.wk.weight", "attention.wv.weight")
 IGNORED_KEYS = ("rope.freqs",)  # Meta's Llama 2 shards carry a rotary table we recompute
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 
 
-def split_dim(name: str) -> Optional[int]:
+def split_dim(name: str) -> int | None:
     """Returns the dimension a weight is split along across model-parallel ranks, or None if replicated."""
     if name.endswith(COLUMN_PARALLEL):
         return 0
@@ -180,7 +190,9 @@ def load_state_dict(ckpt_dir: Path, args: ModelArgs, mp_size: int = 1, mp_rank: 
     return {name: local_weight(name, [s[name] for s in shards], args, mp_size, mp_rank) for name in shards[0]}
 
 
-def check_shapes(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], ckpt_dir: Path, args: ModelArgs) -> None:
+def check_shapes(
+    expected: dict[str, torch.Size], state: dict[str, torch.Tensor], ckpt_dir: Path, args: ModelArgs
+) -> None:
     """Raises ValueError naming the file and the numbers when weights don't fit the model built from params.json."""
     where = f"{Path(ckpt_dir) / 'consolidated.*.pth'} vs {Path(ckpt_dir) / 'params.json'}"
     problems = []
@@ -192,36 +204,62 @@ def check_shapes(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]
         if state[name].shape != expected[name]:
             problems.append(f"{name} has shape {list(state[name].shape)}, the model expects {list(expected[name])}")
     if problems:
-        summary = (f"dim={args.dim}, n_layers={args.n_layers}, n_heads={args.n_heads}, "
-                   f"n_kv_heads={args.kv_heads}, vocab_size={args.vocab_size}, ffn hidden={args.ffn_hidden_dim}")
+        summary = (
+            f"dim={args.dim}, n_layers={args.n_layers}, n_heads={args.n_heads}, "
+            f"n_kv_heads={args.kv_heads}, vocab_size={args.vocab_size}, ffn hidden={args.ffn_hidden_dim}"
+        )
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise ValueError(f"checkpoint does not match its params ({where}; {summary}):\n  {shown}")
 
 
-def shard_state(parts: list[dict[str, torch.Tensor]], args: ModelArgs, n_shards: int, rank: int,
-                on_tensor: Optional[Callable[[], None]] = None) -> dict[str, torch.Tensor]:
-    """Returns shard ``rank`` of ``n_shards`` as compact tensors ready for torch.save, from N source shards.
+@functools.cache
+def libc() -> ctypes.CDLL | None:
+    """The C library of this process, or None where it cannot be loaded."""
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
-    on_tensor (e.g. a progress bar's update) is called after each tensor.
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Asks the kernel to drop the resident pages under a CPU tensor we are done with.
+
+    Weights loaded with ``torch.load(mmap=True)`` stay resident (and count in RSS) once read, until the whole
+    file is unmapped. When a weight is replaced by a fused or quantized copy, dropping its pages keeps the
+    peak at one copy of the weights. Data is never changed: anonymous pages without swap are left in place.
     """
-    state = {}
-    for name in parts[0]:
-        state[name] = local_weight(name, [p[name] for p in parts], args, n_shards, rank).clone()
-        if on_tensor is not None:
-            on_tensor()
-    return state
+    c = libc()
+    if c is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        c.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
 
 
-def save_shards(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: Path, n_shards: int, params: dict) -> None:
-    """Writes ``params.json`` and ``n_shards`` ``consolidated.XX.pth`` files split as the reference shards them.
+def release_freed_memory() -> None:
+    """Returns memory freed by the C allocator to the OS (glibc keeps freed heap pages resident otherwise)."""
+    trim = getattr(libc(), "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
 
-    Returns None. With more shards than KV heads, each shard holds whole (replicated) KV heads.
+
+def convert_weights(
+    state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Returns the weights in ``dtype`` on ``device``, converting one tensor at a time (``state`` is emptied).
+
+    Each source tensor's memory-mapped pages are dropped once it is converted, so the checkpoint's pages and the
+    converted weights never all sit in memory together (a bf16 copy of float32 weights would otherwise triple
+    the resident size).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    validate_parallel(args, n_shards)
-    state = {k: v for k, v in state.items() if k not in IGNORED_KEYS}
-    for rank in range(n_shards):
-        torch.save(shard_state([state], args, n_shards, rank), out_dir / f"consolidated.{rank:02d}.pth")
-    with open(out_dir / "params.json", "w") as f:
-        json.dump(params, f, indent=2)
+    converted = {}
+    for name in list(state):
+        source = state.pop(name)
+        converted[name] = source.to(device=device, dtype=dtype)
+        if converted[name].data_ptr() != source.data_ptr():
+            release_pages(source)
+        del source
+    release_freed_memory()
+    return converted

@@ -3,14 +3,13 @@
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llama_gen import parallel
-from llama_gen.memory import release_freed_memory
 
 
 @dataclass
@@ -18,15 +17,15 @@ class ModelArgs:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: Optional[int] = None
+    n_kv_heads: int | None = None
     vocab_size: int = -1
     multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: Optional[float] = None
+    ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     use_scaled_rope: bool = False  # Llama 3.1 params.json flag: rope scaling with Meta's fixed factors
     # Llama 3.1 rope scaling: {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-    rope_scaling: Optional[dict] = None
+    rope_scaling: dict | None = None
 
     max_batch_size: int = 32
     max_seq_len: int = 2048
@@ -53,13 +52,17 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
-    def rope_scaling_factors(self) -> Optional[dict]:
+    def rope_scaling_factors(self) -> dict | None:
         """Returns the Llama 3.1 rope scaling factors in use, or None."""
         if self.rope_scaling:
             return self.rope_scaling
         if self.use_scaled_rope:
-            return {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8192}
+            return {
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            }
         return None
 
 
@@ -87,7 +90,7 @@ def scale_rope_frequencies(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(wavelen < old_context / high, freqs, scaled)
 
 
-def precompute_rope(head_dim: int, max_len: int, theta: float, scaling: Optional[dict] = None) -> torch.Tensor:
+def precompute_rope(head_dim: int, max_len: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
     """Returns a ``[max_len, head_dim // 2, 2]`` float32 table of (cos, sin) for each position and frequency."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
     if scaling:
@@ -116,12 +119,12 @@ class Attention(nn.Module):
         self.wk = parallel.column_linear(args.dim, args.kv_heads * self.head_dim)
         self.wv = parallel.column_linear(args.dim, args.kv_heads * self.head_dim)
         self.wo = parallel.row_linear(args.n_heads * self.head_dim, args.dim)
-        self.wqkv: Optional[nn.Module] = None  # wq, wk, wv as one matmul, set by fast.fuse_projections
-        self.cache_k: Optional[torch.Tensor] = None
-        self.cache_v: Optional[torch.Tensor] = None
+        self.wqkv: nn.Module | None = None  # wq, wk, wv as one matmul, set by fast.fuse_projections
+        self.cache_k: torch.Tensor | None = None
+        self.cache_v: torch.Tensor | None = None
 
-    def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (max_batch_size, max_seq_len, self.n_local_kv_heads, self.head_dim)
+    def setup_cache(self, max_batch_size: int, positions: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (max_batch_size, positions, self.n_local_kv_heads, self.head_dim)
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
 
@@ -138,7 +141,7 @@ class Attention(nn.Module):
         v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         return apply_rope(q, rope), apply_rope(k, rope), v
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q, k, v = self.project(x, rope)
 
@@ -148,8 +151,7 @@ class Attention(nn.Module):
         keys = self.cache_k[:bsz, :end].transpose(1, 2)
         values = self.cache_v[:bsz, :end].transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask,
-            enable_gqa=self.n_local_heads != self.n_local_kv_heads,
+            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -160,7 +162,7 @@ class FeedForward(nn.Module):
         self.w1 = parallel.column_linear(dim, hidden_dim)
         self.w2 = parallel.row_linear(hidden_dim, dim)
         self.w3 = parallel.column_linear(dim, hidden_dim)
-        self.w13: Optional[nn.Module] = None  # w1 and w3 as one matmul, set by fast.fuse_projections
+        self.w13: nn.Module | None = None  # w1 and w3 as one matmul, set by fast.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
@@ -178,7 +180,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -191,25 +193,25 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = parallel.column_linear(args.dim, args.vocab_size, gather_output=True)
-        self.rope: Optional[torch.Tensor] = None
+        self.rope: torch.Tensor | None = None
 
-    def setup_caches(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None,
-                     spare_positions: int = 0) -> None:
-        """Allocates the KV caches (with ``spare_positions`` unused positions past max_seq_len) and rotary table
-        on the weights' device and dtype."""
+    def setup_caches(self, max_batch_size: int | None = None, max_seq_len: int | None = None) -> None:
+        """Allocates the KV caches and the rotary table on the weights' device and dtype (args' sizes by default)."""
         args = self.args
         args.max_batch_size = max_batch_size or args.max_batch_size
         args.max_seq_len = max_seq_len or args.max_seq_len
         weight = self.norm.weight
         for layer in self.layers:  # free any old caches first: the new ones then reuse their memory
             layer.attention.cache_k = layer.attention.cache_v = None
-        release_freed_memory()
         for layer in self.layers:
-            layer.attention.setup_cache(args.max_batch_size, args.max_seq_len + spare_positions, weight.device,
-                                        weight.dtype)
-        self.rope = precompute_rope(
-            args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling_factors()
-        ).to(weight.device)
+            layer.attention.setup_cache(args.max_batch_size, args.max_seq_len, weight.device, weight.dtype)
+        self.rope = self.rope_table()
+
+    def rope_table(self) -> torch.Tensor:
+        """Returns the rotary (cos, sin) table for positions 0..max_seq_len-1 on the weights' device."""
+        args = self.args
+        rope = precompute_rope(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling_factors())
+        return rope.to(self.norm.weight.device)
 
     def ensure_caches(self) -> None:
         """Allocates the KV caches and rotary table (setup_caches, sized by args) unless they already exist."""

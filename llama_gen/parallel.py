@@ -11,8 +11,8 @@ import contextlib
 import gc
 import io
 import os
+from collections.abc import Iterator
 from datetime import timedelta
-from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -58,7 +58,7 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_distributed(model_parallel_size: Optional[int], device: torch.device) -> int:
+def init_distributed(model_parallel_size: int | None, device: torch.device) -> int:
     """Starts the process group (when running under torchrun) and fairscale model/data parallel groups.
 
     Returns the model-parallel size in use (default: all processes). A single process without

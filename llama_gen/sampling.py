@@ -63,38 +63,39 @@ def _check_min_p(m: float) -> None:
 
 def _check_penalty(r: float) -> None:
     if not (_is_real(r) and 0 < r < math.inf):
-        raise ValueError(
-            f"repetition_penalty must be a finite number > 0 (1 disables the penalty), got {r!r}"
-        )
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 disables the penalty), got {r!r}")
 
 
-def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+def apply_temperature(logits: Tensor, temperature: float, check: bool = True) -> Tensor:
     """Return logits / temperature (temperature must be > 0)."""
-    _check_temperature(temperature, allow_zero=False)
+    if check:
+        _check_temperature(temperature, allow_zero=False)
     return logits / temperature
 
 
-def top_k_filter(logits: Tensor, k: int) -> Tensor:
+def top_k_filter(logits: Tensor, k: int, check: bool = True) -> Tensor:
     """Return logits with everything below the k-th largest value per row set to -inf.
 
     Ties with the k-th value are kept (as in HF TopKLogitsWarper); k=0 or k>=vocab
     returns the logits unchanged.
     """
-    _check_top_k(k)
+    if check:
+        _check_top_k(k)
     if k == 0 or k >= logits.size(-1):
         return logits
     kth = torch.topk(logits, int(k), dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits: Tensor, p: float) -> Tensor:
+def top_p_filter(logits: Tensor, p: float, check: bool = True) -> Tensor:
     """Return logits with tokens outside the nucleus of mass p set to -inf.
 
     Same rule as HF TopPLogitsWarper(min_tokens_to_keep=1): walking up from the least
     likely token, drop tokens while their cumulative probability is <= 1 - p; the most
     likely token is always kept. p=1 returns the logits unchanged.
     """
-    _check_top_p(p)
+    if check:
+        _check_top_p(p)
     if p == 1:
         return logits
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=False)
@@ -106,13 +107,14 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
+def min_p_filter(logits: Tensor, min_p: float, check: bool = True) -> Tensor:
     """Return logits with tokens whose probability is < min_p * max probability set to -inf.
 
     Same rule as HF MinPLogitsWarper(min_tokens_to_keep=1); min_p=0 returns the logits
     unchanged.
     """
-    _check_min_p(min_p)
+    if check:
+        _check_min_p(min_p)
     if min_p == 0:
         return logits
     probs = logits.float().softmax(dim=-1)
@@ -122,7 +124,7 @@ def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
 
 
 def apply_repetition_penalty(
-    logits: Tensor, token_ids: Tensor, penalty: float, pad_id: int
+    logits: Tensor, token_ids: Tensor, penalty: float, pad_id: int, check: bool = True
 ) -> Tensor:
     """Return logits with every token seen in the row's token_ids penalized once.
 
@@ -131,16 +133,9 @@ def apply_repetition_penalty(
     score * penalty if score < 0 else score / penalty (HF RepetitionPenaltyLogitsProcessor).
     Ids outside [0, vocab) are ignored, like HF ignores ids past the logits' vocab.
     """
-    _check_penalty(penalty)
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
-    if token_ids.dim() != 2 or token_ids.size(0) != logits.size(0):
-        raise ValueError(
-            f"token_ids must be [batch, seq] with batch={logits.size(0)} to match logits, "
-            f"got shape {tuple(token_ids.shape)}"
-        )
-    if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
-        raise ValueError(f"token_ids must be an integer tensor, got dtype {token_ids.dtype}")
+    if check:
+        _check_penalty(penalty)
+        _check_token_ids(logits, token_ids)
     if penalty == 1:
         return logits
     vocab = logits.size(-1)
@@ -153,6 +148,18 @@ def apply_repetition_penalty(
     seen = seen.scatter(1, ids, True)[:, :vocab]
     penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalized, logits)
+
+
+def _check_token_ids(logits: Tensor, token_ids: Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    if token_ids.dim() != 2 or token_ids.size(0) != logits.size(0):
+        raise ValueError(
+            f"token_ids must be [batch, seq] with batch={logits.size(0)} to match logits, "
+            f"got shape {tuple(token_ids.shape)}"
+        )
+    if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
+        raise ValueError(f"token_ids must be an integer tensor, got dtype {token_ids.dtype}")
 
 
 def sample_top_p(probs: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
@@ -186,12 +193,13 @@ def sample_next_token(
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
     if params.repetition_penalty != 1 and token_ids is not None:
-        logits = apply_repetition_penalty(logits, token_ids, params.repetition_penalty, pad_id)
+        logits = apply_repetition_penalty(logits, token_ids, params.repetition_penalty, pad_id, check=False)
     if params.temperature == 0:
         return torch.argmax(logits, dim=-1)
-    logits = apply_temperature(logits, params.temperature)
-    logits = top_k_filter(logits, params.top_k)
-    logits = top_p_filter(logits, params.top_p)
-    logits = min_p_filter(logits, params.min_p)
+    # params were validated when they were made: no filter re-checks its value on every step
+    logits = apply_temperature(logits, params.temperature, check=False)
+    logits = top_k_filter(logits, params.top_k, check=False)
+    logits = top_p_filter(logits, params.top_p, check=False)
+    logits = min_p_filter(logits, params.min_p, check=False)
     probs = torch.softmax(logits.float(), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -4,7 +4,7 @@ Text that might still turn out to be the start of a stop string (or tokens that 
 sequence) is held back, so a streamed delta never has to be taken back.
 """
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from llama_gen.detokenize import IncrementalDecoder
 
@@ -34,8 +34,14 @@ def _pending_prefix(tokens: list[int], sequences: Sequence[Sequence[int]]) -> in
 class SequenceText:
     """Tracks one generated sequence: its kept tokens, its final text, and why it stopped."""
 
-    def __init__(self, tokenizer, eos_ids: Sequence[int], stop: Sequence[str] = (),
-                 stop_token_ids: Sequence[Sequence[int]] = (), track_text: bool = True):
+    def __init__(
+        self,
+        tokenizer,
+        eos_ids: Sequence[int],
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[Sequence[int]] = (),
+        track_text: bool = True,
+    ):
         self.eos_ids = set(eos_ids)
         self.stop = [s for s in stop if s]
         self.stop_token_ids = [list(s) for s in stop_token_ids if len(s)]
@@ -45,7 +51,7 @@ class SequenceText:
         self.text = ""  # decoded text of self.tokens (minus anything held back by the decoder)
         self.text_ends: list[int] = []  # len(self.text) after each kept token
         self.emitted = 0  # characters of self.text already handed out as deltas
-        self.finish_reason: Optional[str] = None
+        self.finish_reason: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -58,11 +64,11 @@ class SequenceText:
             return self._finish("eos")
         self.pending.append(token)
         for seq in self.stop_token_ids:
-            if self.pending[-len(seq):] == seq:
+            if self.pending[-len(seq) :] == seq:
                 self._accept(self.pending[: len(self.pending) - len(seq)])
                 return self._finish("stop")
         keep = _pending_prefix(self.pending, self.stop_token_ids)
-        held = self.pending[len(self.pending) - keep:]
+        held = self.pending[len(self.pending) - keep :]
         self._accept(self.pending[: len(self.pending) - keep])
         self.pending = held
         if self.stop:
@@ -106,5 +112,5 @@ class SequenceText:
         """Returns the text that became final since the last call."""
         end = len(self.text) if self.finished else len(self.text) - _held_back(self.text, self.stop)
         end = max(end, self.emitted)
-        out, self.emitted = self.text[self.emitted: end], end
+        out, self.emitted = self.text[self.emitted : end], end
         return out

@@ -91,18 +91,11 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 # Meta's llama3 tokenizer.py: the special tokens and their order, ids right after the 128000 BPE ranks.
-LLAMA3_SPECIAL_TOKENS = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    "<|reserved_special_token_2|>",
-    "<|reserved_special_token_3|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|reserved_special_token_4|>",
-    "<|eot_id|>",
-] + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
+LLAMA3_SPECIAL_TOKENS = (
+    "<|begin_of_text|> <|end_of_text|> <|reserved_special_token_0|> <|reserved_special_token_1|> "
+    "<|reserved_special_token_2|> <|reserved_special_token_3|> <|start_header_id|> <|end_header_id|> "
+    "<|reserved_special_token_4|> <|eot_id|>"
+).split() + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
 
 LLAMA3_PAT_STR = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 

@@ -13,7 +13,7 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_gen.batch import main  # noqa: E402
+from llama_gen.apps.batch import main  # noqa: E402
 
 if __name__ == "__main__":
     fire.Fire(main)

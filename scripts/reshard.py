@@ -1,6 +1,6 @@
 """Rewrite a checkpoint for another number of model-parallel ranks.
 
-    python scripts/reshard.py --ckpt_dir A --out_dir B --shards M [--overwrite]
+python scripts/reshard.py --ckpt_dir A --out_dir B --shards M [--overwrite]
 """
 
 import sys
@@ -10,7 +10,7 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing
 
-from llama_gen.reshard import reshard  # noqa: E402
+from llama_gen.convert.reshard import reshard  # noqa: E402
 
 if __name__ == "__main__":
     try:

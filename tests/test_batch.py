@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import LLAMA2_TOKENIZER, REPO
+
 from llama_gen import batch
-from llama_gen.batch import Record, make_batches, merge_parts, read_output, read_prompts
+from llama_gen.apps.batch import Record, make_batches, merge_parts, read_output, read_prompts
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 WORDS = "the quick brown fox jumps over a lazy dog and then runs far away into the night".split()
@@ -36,10 +36,23 @@ def write_prompts(path: Path, n: int, seed: int = 0, dialogs: bool = True) -> li
 
 
 def args(ckpt, prompts, output, *extra, **flags) -> list[str]:
-    flags = {"tokenizer_path": LLAMA2_TOKENIZER, "max_seq_len": 64, "max_batch_size": 4, "max_gen_len": 8,
-             "temperature": 0, **flags}
-    return [str(prompts), "--output", str(output), "--ckpt_dir", str(ckpt), *extra,
-            *(f"--{k}={v}" for k, v in flags.items())]
+    flags = {
+        "tokenizer_path": LLAMA2_TOKENIZER,
+        "max_seq_len": 64,
+        "max_batch_size": 4,
+        "max_gen_len": 8,
+        "temperature": 0,
+        **flags,
+    }
+    return [
+        str(prompts),
+        "--output",
+        str(output),
+        "--ckpt_dir",
+        str(ckpt),
+        *extra,
+        *(f"--{k}={v}" for k, v in flags.items()),
+    ]
 
 
 def run_main(argv: list[str]) -> None:
@@ -60,19 +73,24 @@ def test_read_prompts_txt_and_jsonl(tmp_path):
     assert bad == []
 
     jl = tmp_path / "p.jsonl"
-    jl.write_text("\n".join([
-        '{"id": "a", "prompt": "hi", "temperature": 0.5, "stop": "x", "note": 1}',
-        '{"prompt": "no id"}',
-        '{"id": "c", "dialog": [{"role": "user", "content": "yo"}], "seed": 3}',
-        "not json",
-        '["a list"]',
-        '{"id": "d"}',
-        '{"id": "e", "prompt": "x", "dialog": []}',
-        '{"id": 1.5, "prompt": "x"}',
-        '{"id": "f", "prompt": "x", "top_p": 0}',
-        '{"id": "g", "prompt": "x", "max_gen_len": -2}',
-        '{"id": "h", "prompt": "x", "stop": [""]}',
-    ]) + "\n")
+    jl.write_text(
+        "\n".join(
+            [
+                '{"id": "a", "prompt": "hi", "temperature": 0.5, "stop": "x", "note": 1}',
+                '{"prompt": "no id"}',
+                '{"id": "c", "dialog": [{"role": "user", "content": "yo"}], "seed": 3}',
+                "not json",
+                '["a list"]',
+                '{"id": "d"}',
+                '{"id": "e", "prompt": "x", "dialog": []}',
+                '{"id": 1.5, "prompt": "x"}',
+                '{"id": "f", "prompt": "x", "top_p": 0}',
+                '{"id": "g", "prompt": "x", "max_gen_len": -2}',
+                '{"id": "h", "prompt": "x", "stop": [""]}',
+            ]
+        )
+        + "\n"
+    )
     records, bad, unknown = read_prompts(jl)
     assert [r.id for r in records] == ["a", 2, "c"]
     assert records[0].settings == {"temperature": 0.5, "stop": ["x"]} and records[2].kind == "dialog"
@@ -200,8 +218,11 @@ def test_kill_9_then_rerun_gives_each_id_exactly_once(tiny_checkpoints, tmp_path
     _, ckpt = tiny_checkpoints["gqa"]
     write_prompts(tmp_path / "p.jsonl", 200, seed=1)
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "scripts/complete.py", *args(ckpt, tmp_path / "p.jsonl", out, max_gen_len=24,
-                                                       max_batch_size=2)]
+    cmd = [
+        sys.executable,
+        "scripts/complete.py",
+        *args(ckpt, tmp_path / "p.jsonl", out, max_gen_len=24, max_batch_size=2),
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -239,13 +260,33 @@ def test_torchrun_data_parallel_matches_one_process(tiny_checkpoints, tmp_path):
     _, ckpt = tiny_checkpoints["gqa"]
     write_prompts(tmp_path / "p.jsonl", 40, seed=2)
     single, dp = tmp_path / "single.jsonl", tmp_path / "dp.jsonl"
-    one = subprocess.run([sys.executable, "scripts/complete.py", *args(ckpt, tmp_path / "p.jsonl", single)],
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+    one = subprocess.run(
+        [sys.executable, "scripts/complete.py", *args(ckpt, tmp_path / "p.jsonl", single)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(free_port()), "scripts/complete.py",
-                          *args(ckpt, tmp_path / "p.jsonl", dp, model_parallel_size=1)],
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "scripts/complete.py",
+            *args(ckpt, tmp_path / "p.jsonl", dp, model_parallel_size=1),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert two.returncode == 0, two.stderr
     assert "40 done, 0 already done, 0 skipped (malformed), 0 failed" in two.stderr
     assert load(dp) == load(single)  # same records, each id once, same order
@@ -257,9 +298,10 @@ def test_parts_left_by_a_crashed_data_parallel_run_are_resumed(tiny_checkpoints,
     records = write_prompts(tmp_path / "p.jsonl", 12, seed=3, dialogs=False)
     out = tmp_path / "o.jsonl"
     leftover = {"p1": "from part 0", "p5": "from part 1", "p7": "from part 1"}
-    (tmp_path / "o.jsonl.part-0").write_text(json.dumps({"id": "p1", "generation": leftover["p1"]}) + "\n{\"id\": ")
-    (tmp_path / "o.jsonl.part-1").write_text("".join(json.dumps({"id": k, "generation": v}) + "\n"
-                                                     for k, v in leftover.items() if k != "p1"))
+    (tmp_path / "o.jsonl.part-0").write_text(json.dumps({"id": "p1", "generation": leftover["p1"]}) + '\n{"id": ')
+    (tmp_path / "o.jsonl.part-1").write_text(
+        "".join(json.dumps({"id": k, "generation": v}) + "\n" for k, v in leftover.items() if k != "p1")
+    )
     run_main(args(ckpt, tmp_path / "p.jsonl", out))
     assert "9 done, 3 already done" in capsys.readouterr().err
     results = load(out)

@@ -14,10 +14,35 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_bench_harness_runs_on_a_tiny_model(tmp_path):
     out = tmp_path / "results.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--model", "tiny", "--ours", "fp32,int8",
-           "--contenders", "hf", "--runs", "1", "--prompt-len", "16", "--new-tokens", "24", "--batch-sizes", "1,2",
-           "--max-seq-len", "64", "--no-compile", "--bandwidth-gib", "0.02", "--rounds", "2", "--json", str(out),
-           "--markdown", str(tmp_path / "results.md")]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "bench.py"),
+        "--model",
+        "tiny",
+        "--ours",
+        "fp32,int8",
+        "--contenders",
+        "hf",
+        "--runs",
+        "1",
+        "--prompt-len",
+        "16",
+        "--new-tokens",
+        "24",
+        "--batch-sizes",
+        "1,2",
+        "--max-seq-len",
+        "64",
+        "--no-compile",
+        "--bandwidth-gib",
+        "0.02",
+        "--rounds",
+        "2",
+        "--json",
+        str(out),
+        "--markdown",
+        str(tmp_path / "results.md"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -45,8 +70,15 @@ def test_best_of_rounds_takes_each_speed_from_its_best_round_and_skips_failed_ro
     from bench import best_of_rounds
 
     def run(prefill, b1, b8, peak, probe):
-        return {"engine": "e", "prefill_tps": prefill, "ttft_s": 1 / prefill, "peak_mib": peak, "compile_s": None,
-                "probe_read_gbs": probe, "decode": {"1": {"tps": b1, "tokens": [1, 2]}, "8": {"tps": b8, "tokens": [1, 2]}}}
+        return {
+            "engine": "e",
+            "prefill_tps": prefill,
+            "ttft_s": 1 / prefill,
+            "peak_mib": peak,
+            "compile_s": None,
+            "probe_read_gbs": probe,
+            "decode": {"1": {"tps": b1, "tokens": [1, 2]}, "8": {"tps": b8, "tokens": [1, 2]}},
+        }
 
     failed = {"engine": "e", "error": "killed"}
     best = best_of_rounds([run(100, 10, 50, 900, 30.0), failed, run(90, 12, 40, 950, 55.0)])

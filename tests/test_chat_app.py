@@ -9,10 +9,10 @@ import sys
 import time
 
 import pytest
-
 from conftest import LLAMA2_TOKENIZER, REPO
+
 from llama_gen import chat_app
-from llama_gen.chat_app import ChatSession, StopOnInterrupt, chat_loop
+from llama_gen.apps.chat import ChatSession, StopOnInterrupt, chat_loop
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -20,6 +20,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def default_sigint() -> None:
     """Run in the spawned chat before exec: Ctrl-C works even if this test run inherited SIGINT ignored."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 STATS = re.compile(r"\[(\d+) tokens, (\d+) prompt tokens, first token [\d.]+ s, [\d.]+ tok/s\]")
 
 
@@ -94,12 +96,17 @@ def test_long_conversation_drops_oldest_turns_and_never_raises(tiny_llama):
 def test_fit_drops_the_fewest_whole_pairs(tiny_llama):
     _, llama = tiny_llama
     s = session(llama, max_gen_len=32, system="sys")
-    s.history = sum(([{"role": "user", "content": f"question {i} " * 4},
-                      {"role": "assistant", "content": f"answer {i} " * 4}] for i in range(6)), [])
+    s.history = sum(
+        (
+            [{"role": "user", "content": f"question {i} " * 4}, {"role": "assistant", "content": f"answer {i} " * 4}]
+            for i in range(6)
+        ),
+        [],
+    )
     drop, n = s.fit("next question")
     user = {"role": "user", "content": "next question"}
-    assert drop > 0 and n == s.prompt_len(s.history[2 * drop:] + [user]) <= s.max_prompt_len
-    assert s.prompt_len(s.history[2 * (drop - 1):] + [user]) > s.max_prompt_len
+    assert drop > 0 and n == s.prompt_len(s.history[2 * drop :] + [user]) <= s.max_prompt_len
+    assert s.prompt_len(s.history[2 * (drop - 1) :] + [user]) > s.max_prompt_len
     assert s.fit("x " * 200)[0] == -1
 
 
@@ -110,8 +117,9 @@ def test_interrupted_reply_is_kept_and_chat_goes_on(tiny_llama):
     chat_loop(s, ch)
     assert "[stopped]" in ch.text
     partial = s.history[1]["content"]
-    full = llama.chat_completion([[{"role": "user", "content": "tell me a story"}]], temperature=0,
-                                 max_gen_len=20)[0]["generation"]["content"]
+    full = llama.chat_completion([[{"role": "user", "content": "tell me a story"}]], temperature=0, max_gen_len=20)[0][
+        "generation"
+    ]["content"]
     assert partial and full.startswith(partial) and len(partial) < len(full)
     ch2 = FakeChannel(["and then?"])
     chat_loop(s, ch2)
@@ -142,13 +150,16 @@ def test_first_sigint_requests_stop_second_raises():
         signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (dict(temperature=-1), "temperature"),
-    (dict(max_gen_len=300, max_seq_len=256), "max_gen_len"),
-    (dict(chat_format="nope"), "chat format"),
-    (dict(top_p=0), "top_p"),
-    (dict(model_parallel_size=2), "model_parallel_size"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(max_gen_len=300, max_seq_len=256), "max_gen_len"),
+        (dict(chat_format="nope"), "chat format"),
+        (dict(top_p=0), "top_p"),
+        (dict(model_parallel_size=2), "model_parallel_size"),
+    ],
+)
 def test_bad_flags_fail_before_loading(flags, message, capsys, monkeypatch):
     monkeypatch.setattr(chat_app.Llama, "build", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(SystemExit) as e:
@@ -163,16 +174,37 @@ def free_port() -> int:
 
 
 def chat_cmd(ckpt, *extra):
-    return ["scripts/chat.py", "--ckpt_dir", str(ckpt), "--tokenizer_path", str(LLAMA2_TOKENIZER),
-            "--max_seq_len", "128", "--max_gen_len", "12", "--temperature", "0", "--show_stats", "False", *extra]
+    return [
+        "scripts/chat.py",
+        "--ckpt_dir",
+        str(ckpt),
+        "--tokenizer_path",
+        str(LLAMA2_TOKENIZER),
+        "--max_seq_len",
+        "128",
+        "--max_gen_len",
+        "12",
+        "--temperature",
+        "0",
+        "--show_stats",
+        "False",
+        *extra,
+    ]
 
 
 def test_compile_flag_compiles_before_the_first_prompt_and_replies_as_eager(tiny_checkpoints):
     _, ckpt = tiny_checkpoints["gqa"]
 
     def chat(*extra):
-        done = subprocess.run([sys.executable, *chat_cmd(ckpt, *extra)], input="Hello there\n/exit\n", cwd=str(REPO),
-                              env=ENV, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, *chat_cmd(ckpt, *extra)],
+            input="Hello there\n/exit\n",
+            cwd=str(REPO),
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout.splitlines()
 
@@ -185,12 +217,28 @@ def test_compile_flag_compiles_before_the_first_prompt_and_replies_as_eager(tiny
 def test_torchrun_model_parallel_chat_matches_one_process(tiny_checkpoints):
     _, ckpt = tiny_checkpoints["mha"]  # 4 heads: splits over 2 ranks
     lines = "hello there\nhow are you?\n/reset\nwhat now\n" + "more words " * 20 + "\nlast one\n"
-    one = subprocess.run([sys.executable, *chat_cmd(ckpt)], input=lines, capture_output=True, text=True,
-                         cwd=REPO, env=ENV, timeout=120)
+    one = subprocess.run(
+        [sys.executable, *chat_cmd(ckpt)], input=lines, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(free_port()), *chat_cmd(ckpt)],
-                         input=lines, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=180)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            *chat_cmd(ckpt),
+        ],
+        input=lines,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+        timeout=180,
+    )
     assert two.returncode == 0, two.stderr
     assert "mp=2" in two.stderr
     assert one.stdout.count("> ") == 6 and "[cut at max_gen_len" in one.stdout
@@ -200,11 +248,27 @@ def test_torchrun_model_parallel_chat_matches_one_process(tiny_checkpoints):
 @pytest.mark.real_model
 def test_conversation_longer_than_max_seq_len_on_default_model():
     story = "Here is some context about my garden, my cat, my house and my long day at work. " * 4
-    lines = "\n".join([f"{story} First question: what is a cat?", f"{story} Second: what is a dog?",
-                       f"{story} Third: what is a bird?", "tell me " * 300, "Thanks!"]) + "\n"
-    run = subprocess.run([sys.executable, "scripts/chat.py", "--max_seq_len", "256", "--max_gen_len", "24",
-                          "--temperature", "0"], input=lines, capture_output=True, text=True, cwd=REPO, env=ENV,
-                         timeout=240)
+    lines = (
+        "\n".join(
+            [
+                f"{story} First question: what is a cat?",
+                f"{story} Second: what is a dog?",
+                f"{story} Third: what is a bird?",
+                "tell me " * 300,
+                "Thanks!",
+            ]
+        )
+        + "\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "scripts/chat.py", "--max_seq_len", "256", "--max_gen_len", "24", "--temperature", "0"],
+        input=lines,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+        timeout=240,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("the oldest turns are dropped") == 1
     assert "that message needs" in run.stdout
@@ -229,14 +293,25 @@ class TimedLog:
 @pytest.mark.real_model
 def test_terminal_chat_streams_resets_interrupts_and_exits():
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["scripts/chat.py", "--temperature", "0", "--max_gen_len", "16",
-                                           "--max_seq_len", "512"], cwd=str(REPO), env=ENV, encoding="utf-8",
-                          timeout=120, dimensions=(50, 300), preexec_fn=default_sigint)
+    child = pexpect.spawn(
+        sys.executable,
+        ["scripts/chat.py", "--temperature", "0", "--max_gen_len", "16", "--max_seq_len", "512"],
+        cwd=str(REPO),
+        env=ENV,
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(50, 300),
+        preexec_fn=default_sigint,
+    )
     log = TimedLog()
     child.logfile_read = log
     turns = []
-    for message in ["My name is Alice. Say hello to me.", "What did I just tell you?", "/reset",
-                    "My name is Alice. Say hello to me."]:
+    for message in [
+        "My name is Alice. Say hello to me.",
+        "What did I just tell you?",
+        "/reset",
+        "My name is Alice. Say hello to me.",
+    ]:
         child.expect_exact("> ")
         child.sendline(message)
         if message == "/reset":
@@ -270,8 +345,15 @@ def test_terminal_chat_streams_resets_interrupts_and_exits():
 @pytest.mark.real_model
 def test_ctrl_c_at_the_prompt_exits_cleanly():
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["scripts/chat.py"], cwd=str(REPO), env=ENV, encoding="utf-8", timeout=60,
-                          preexec_fn=default_sigint)
+    child = pexpect.spawn(
+        sys.executable,
+        ["scripts/chat.py"],
+        cwd=str(REPO),
+        env=ENV,
+        encoding="utf-8",
+        timeout=60,
+        preexec_fn=default_sigint,
+    )
     child.expect_exact("> ")
     child.send("\x03")
     child.expect(pexpect.EOF)

@@ -21,18 +21,45 @@ from gguf import GGMLQuantizationType as Q
 from tokenizers import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 CORPUS = [
-    "Hello, world!", "The quick brown fox jumps over the lazy dog.", "12345", "Call 555-0199 or 3.14159 now",
-    "a  b   c    d", "line1\nline2\n\n\nline3\r\n", "\t\tindented\ttabs",
-    "def f(x):\n    return x**2  # square\n", 'for (int i = 0; i < 10; ++i) { printf("%d\\n", i); }',
-    "naïve café résumé Ångström", "日本語のテキスト 中文 한국어", "emoji 🤗🚀👍🏽",
-    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", "<|endoftext|><repo_name>x",
-    "I'm sure they'll say it's fine, don't you?", "   leading spaces", "trailing spaces   ", "", " ", "\n\n",
-    "$100,000.00", "ÀÉÎÕÜ ß ﬁ", "<|im_start|> <|im_end|>x<|im_start|>", "http://example.com/path?q=1&r=2",
-    '{"key": [1, 2, 3]}', "Ｆｕｌｌｗｉｄｔｈ", "zero\u200bwidth", "math: ∑ ∫ √ π ≈ 3.14",
-    "x  1", "year 2024  was   42", "list:\n\n1. one\n\n\n2. two",
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog.",
+    "12345",
+    "Call 555-0199 or 3.14159 now",
+    "a  b   c    d",
+    "line1\nline2\n\n\nline3\r\n",
+    "\t\tindented\ttabs",
+    "def f(x):\n    return x**2  # square\n",
+    'for (int i = 0; i < 10; ++i) { printf("%d\\n", i); }',
+    "naïve café résumé Ångström",
+    "日本語のテキスト 中文 한국어",
+    "emoji 🤗🚀👍🏽",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|><repo_name>x",
+    "I'm sure they'll say it's fine, don't you?",
+    "   leading spaces",
+    "trailing spaces   ",
+    "",
+    " ",
+    "\n\n",
+    "$100,000.00",
+    "ÀÉÎÕÜ ß ﬁ",
+    "<|im_start|> <|im_end|>x<|im_start|>",
+    "http://example.com/path?q=1&r=2",
+    '{"key": [1, 2, 3]}',
+    "Ｆｕｌｌｗｉｄｔｈ",
+    "zero\u200bwidth",
+    "math: ∑ ∫ √ π ≈ 3.14",
+    "x  1",
+    "year 2024  was   42",
+    "list:\n\n1. one\n\n\n2. two",
 ]
 
 
@@ -42,9 +69,17 @@ CORPUS = [
 
 def tiny_hf_model(seed: int = 0, **overrides) -> "transformers.LlamaForCausalLM":
     """Returns a random fp32 LlamaForCausalLM whose weights give O(1) logits and non-uniform attention."""
-    kwargs = {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "vocab_size": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-              **overrides}
+    kwargs = {
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        **overrides,
+    }
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).float().eval()
     with torch.no_grad():
@@ -114,8 +149,10 @@ def tiny_vocab() -> list[str]:
     return SPECIALS + list(C.bytes_to_unicode().values()) + [m.replace(" ", "") for m in MERGES]
 
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def write_gguf(path: Path, model, types: dict[str, Q], rope: dict | None = None, arch: str = "llama") -> dict:
@@ -150,8 +187,13 @@ def write_gguf(path: Path, model, types: dict[str, Q], rope: dict | None = None,
     w.add_chat_template(CHATML)
 
     names = {hf: gg for _, (hf, gg) in C.GLOBAL_TENSORS.items()}
-    names.update({f"model.layers.{i}.{hf}": f"blk.{i}.{gg}" for i in range(cfg.num_hidden_layers)
-                  for _, (hf, gg) in C.LAYER_TENSORS.items()})
+    names.update(
+        {
+            f"model.layers.{i}.{hf}": f"blk.{i}.{gg}"
+            for i in range(cfg.num_hidden_layers)
+            for _, (hf, gg) in C.LAYER_TENSORS.items()
+        }
+    )
     back = {}
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
@@ -183,11 +225,15 @@ def write_gguf(path: Path, model, types: dict[str, Q], rope: dict | None = None,
 # Hugging Face directories
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"tie_word_embeddings": True, "num_key_value_heads": 4, "rope_theta": 10000.0},
-    {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}, "num_key_value_heads": 1},
-], ids=["gqa", "tied-mha", "llama3-rope-mqa"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_word_embeddings": True, "num_key_value_heads": 4, "rope_theta": 10000.0},
+        {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}, "num_key_value_heads": 1},
+    ],
+    ids=["gqa", "tied-mha", "llama3-rope-mqa"],
+)
 def test_hf_logits_match_transformers(tmp_path: Path, overrides: dict) -> None:
     hf = tiny_hf_model(**overrides)
     hf.save_pretrained(tmp_path / "hf")
@@ -223,8 +269,17 @@ def test_hf_checkpoint_file_format(tmp_path: Path) -> None:
     output, embedding = state["output.weight"], state["tok_embeddings.weight"]
     assert output.untyped_storage().data_ptr() != embedding.untyped_storage().data_ptr()  # a copy, not shared
     assert set(json.loads((out / "params.json").read_text())) == {
-        "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps",
-        "rope_theta", "rope_scaling"}
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "vocab_size",
+        "multiple_of",
+        "ffn_dim_multiplier",
+        "norm_eps",
+        "rope_theta",
+        "rope_scaling",
+    }
 
 
 def test_hf_sharded_and_bin_weights_convert_identically(tmp_path: Path) -> None:
@@ -245,13 +300,18 @@ def test_hf_sharded_and_bin_weights_convert_identically(tmp_path: Path) -> None:
 def test_hf_tokenizer_and_generation_config(tmp_path: Path) -> None:
     src = tmp_path / "hf"
     tiny_hf_model().save_pretrained(src)
-    (src / "generation_config.json").write_text(json.dumps(
-        {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": [2, 3], "max_length": 99}))
+    (src / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": [2, 3], "max_length": 99})
+    )
     (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
     (src / "tokenizer.json").write_text("{}")
     out = C.convert(src, tmp_path / "ckpt")
     assert json.loads((out / "generation_config.json").read_text()) == {
-        "temperature": 0.6, "top_p": 0.9, "eos_token_id": [2, 3], "chat_format": "chatml"}
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "eos_token_id": [2, 3],
+        "chat_format": "chatml",
+    }
     assert (out / "tokenizer.json").read_text() == "{}"
     assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
 
@@ -271,12 +331,15 @@ def test_chat_format_detection() -> None:
     assert C.chat_format(None) is None and C.chat_format("{{ messages }}") is None
 
 
-@pytest.mark.parametrize("dim, hidden, expected", [
-    (4096, 11008, (256, None)),    # Llama 2 7B
-    (4096, 14336, (1024, 1.3)),    # Llama 3 8B
-    (2048, 8192, (1024, 1.5)),     # Llama 3.2 1B
-    (576, 1536, (512, None)),      # SmolLM2 135M
-])
+@pytest.mark.parametrize(
+    "dim, hidden, expected",
+    [
+        (4096, 11008, (256, None)),  # Llama 2 7B
+        (4096, 14336, (1024, 1.3)),  # Llama 3 8B
+        (2048, 8192, (1024, 1.5)),  # Llama 3.2 1B
+        (576, 1536, (512, None)),  # SmolLM2 135M
+    ],
+)
 def test_ffn_params_known_models(dim: int, hidden: int, expected: tuple) -> None:
     assert C.ffn_params(dim, hidden) == expected
 
@@ -308,8 +371,17 @@ def test_hf_rejects_unsupported_models(tmp_path: Path) -> None:
 def test_cli_converts(tmp_path: Path) -> None:
     tiny_hf_model().save_pretrained(tmp_path / "hf")
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "convert.py"), str(tmp_path / "hf"), str(tmp_path / "ckpt"),
-         "--dtype", "float16"], capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "convert.py"),
+            str(tmp_path / "hf"),
+            str(tmp_path / "ckpt"),
+            "--dtype",
+            "float16",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "ckpt")
     state = torch.load(tmp_path / "ckpt" / "consolidated.00.pth", weights_only=True)
@@ -321,16 +393,23 @@ def test_cli_converts(tmp_path: Path) -> None:
 
 
 GGUF_TYPES = {
-    "token_embd.weight": Q.Q8_0, "output.weight": Q.F16,
-    "attn_q.weight": Q.Q4_0, "attn_k.weight": Q.Q4_1, "attn_v.weight": Q.Q8_0, "attn_output.weight": Q.F16,
-    "ffn_gate.weight": Q.Q4_1, "ffn_up.weight": Q.Q8_0, "ffn_down.weight": Q.Q4_0,
+    "token_embd.weight": Q.Q8_0,
+    "output.weight": Q.F16,
+    "attn_q.weight": Q.Q4_0,
+    "attn_k.weight": Q.Q4_1,
+    "attn_v.weight": Q.Q8_0,
+    "attn_output.weight": Q.F16,
+    "ffn_gate.weight": Q.Q4_1,
+    "ffn_up.weight": Q.Q8_0,
+    "ffn_down.weight": Q.Q4_0,
 }
 
 
-@pytest.mark.parametrize("overrides", [
-    {"tie_word_embeddings": True},
-    {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}},
-], ids=["tied", "llama3-rope"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{"tie_word_embeddings": True}, {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}}],
+    ids=["tied", "llama3-rope"],
+)
 def test_gguf_logits_match_transformers(tmp_path: Path, overrides: dict) -> None:
     hf = tiny_hf_model(intermediate_size=192, vocab_size=len(tiny_vocab()), **overrides)
     rope = overrides.get("rope_parameters")
@@ -404,17 +483,22 @@ def test_smollm2_logits_match_transformers(smollm2: tuple[Path, Path]) -> None:
     assert C.ensure_default_model(ckpt) == ckpt  # already converted: returned as is
     assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".")]  # no temp dir left behind
     assert json.loads((ckpt / "generation_config.json").read_text()) == {
-        "eos_token_id": [2], "chat_format": "chatml",
-        "default_system_prompt": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}
+        "eos_token_id": [2],
+        "chat_format": "chatml",
+        "default_system_prompt": "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+    }
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    prompt = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-              "<|im_start|>user\nWrite a haiku about the sea, then list three surprising facts about octopuses "
-              "and explain in 2 sentences why they matter.<|im_end|>\n"
-              "<|im_start|>assistant\n")
+    prompt = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nWrite a haiku about the sea, then list three surprising facts about octopuses "
+        "and explain in 2 sentences why they matter.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     ids = tok.encode(prompt).ids
     assert 48 <= len(ids) <= 80 and ids[0] == 1 and ids.count(2) == 2
-    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                           dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
     assert max_diff(hf, load_ours(ckpt), torch.tensor([ids])) <= 1e-3
 
 
@@ -435,7 +519,8 @@ def test_smollm2_tokenizer_matches_transformers(smollm2: tuple[Path, Path]) -> N
         if not re.search(r"\s{2,}\d", text):
             assert ours.encode(text).ids == hf.encode(text), text
     hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     for text in CORPUS:
         assert ours.encode(text).ids == hf.encode(text), text
         assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == text
@@ -443,8 +528,10 @@ def test_smollm2_tokenizer_matches_transformers(smollm2: tuple[Path, Path]) -> N
 
 
 def test_default_system_prompt_is_read_from_the_chat_template() -> None:
-    qwen = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are Qwen.<|im_end|>\n' }}{% endif %}"
-            "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}")
+    qwen = (
+        "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are Qwen.<|im_end|>\n' }}{% endif %}"
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    )
     assert C.default_system_prompt(qwen) == "You are Qwen."
     plain = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
     assert C.default_system_prompt(plain) is None

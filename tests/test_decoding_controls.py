@@ -38,7 +38,7 @@ def test_stop_token_sequence(tiny_llama):
     expected = tokens[0][:4]
     # The sequence may also occur earlier, in which case the cut comes there.
     for i in range(len(tokens[0]) - 1):
-        if tokens[0][i:i + 2] == seq:
+        if tokens[0][i : i + 2] == seq:
             expected = tokens[0][:i]
             break
     assert out[0] == expected
@@ -70,8 +70,15 @@ def test_seed_reproducible_across_calls(tiny_llama):
     assert a != c
 
 
-@pytest.mark.parametrize("controls", [dict(top_k=5), dict(min_p=0.1), dict(repetition_penalty=1.3),
-                                      dict(top_k=3, top_p=0.5, min_p=0.05, repetition_penalty=1.1)])
+@pytest.mark.parametrize(
+    "controls",
+    [
+        dict(top_k=5),
+        dict(min_p=0.1),
+        dict(repetition_penalty=1.3),
+        dict(top_k=3, top_p=0.5, min_p=0.05, repetition_penalty=1.1),
+    ],
+)
 def test_controls_accepted_everywhere(tiny_llama, controls):
     _, llama = tiny_llama
     dialog = [{"role": "user", "content": "hi"}]
@@ -89,8 +96,17 @@ def test_repetition_penalty_changes_greedy_output(tiny_llama):
     assert len(set(penalized)) >= len(set(plain))
 
 
-@pytest.mark.parametrize("bad", [dict(top_k=-1), dict(min_p=1.0), dict(repetition_penalty=0.0),
-                                 dict(stop=[""]), dict(seed="x"), dict(max_gen_len=-2)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(top_k=-1),
+        dict(min_p=1.0),
+        dict(repetition_penalty=0.0),
+        dict(stop=[""]),
+        dict(seed="x"),
+        dict(max_gen_len=-2),
+    ],
+)
 def test_bad_controls_raise(tiny_llama, bad):
     _, llama = tiny_llama
     with pytest.raises(ValueError):

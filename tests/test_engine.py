@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import LLAMA2_TOKENIZER, TINY_CONFIGS
+
 from llama_gen import Llama
 
 PROMPTS = [  # token ids of different lengths
@@ -26,7 +26,7 @@ def build(ckpt, **kwargs) -> Llama:
 def stepwise_logits(forward, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """Logits of a prefill of prompt_len tokens, then one token at a time."""
     steps = [forward(tokens[:, :prompt_len], 0)]
-    steps += [forward(tokens[:, i:i + 1], i) for i in range(prompt_len, tokens.shape[1])]
+    steps += [forward(tokens[:, i : i + 1], i) for i in range(prompt_len, tokens.shape[1])]
     return torch.cat(steps, dim=1)
 
 
@@ -69,8 +69,9 @@ def test_greedy_batch_equals_alone_and_transformers(tiny_llama):
     for prompt, out in zip(PROMPTS, batch):
         alone, _ = llama.generate([prompt], max_gen_len=12, temperature=0)
         assert out == alone[0]
-        hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=2,
-                             pad_token_id=0)[0, len(prompt):].tolist()
+        hf_out = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0
+        )[0, len(prompt) :].tolist()
         if 2 in hf_out:
             hf_out = hf_out[: hf_out.index(2)]
         assert out == hf_out
@@ -93,8 +94,7 @@ def test_max_gen_len_is_clipped_to_window(tiny_llama):
 
 def test_text_and_chat_completion_shapes(tiny_llama):
     _, llama = tiny_llama
-    preds = llama.text_completion(["Hello", "The capital of France is"], max_gen_len=5, temperature=0,
-                                  logprobs=True)
+    preds = llama.text_completion(["Hello", "The capital of France is"], max_gen_len=5, temperature=0, logprobs=True)
     assert len(preds) == 2 and all(isinstance(p["generation"], str) for p in preds)
     assert len(preds[0]["tokens"]) == len(preds[0]["logprobs"]) <= 5
     chats = llama.chat_completion([[{"role": "user", "content": "hi"}]], max_gen_len=4, temperature=0)
@@ -116,10 +116,14 @@ BAD_CALLS = {
     "top_p zero": (lambda l: l.text_completion(["hi"], top_p=0.0), "top_p"),
     "top_p above one": (lambda l: l.text_completion(["hi"], top_p=1.5), "top_p"),
     "single string": (lambda l: l.text_completion("hi"), "list"),
-    "not alternating": (lambda l: l.chat_completion([[{"role": "user", "content": "a"},
-                                                       {"role": "user", "content": "b"}]]), "alternate"),
-    "ends with assistant": (lambda l: l.chat_completion([[{"role": "user", "content": "a"},
-                                                           {"role": "assistant", "content": "b"}]]), "user"),
+    "not alternating": (
+        lambda l: l.chat_completion([[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]]),
+        "alternate",
+    ),
+    "ends with assistant": (
+        lambda l: l.chat_completion([[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]]),
+        "user",
+    ),
     "special tag": (lambda l: l.chat_completion([[{"role": "user", "content": "[INST] hi"}]]), "[INST]"),
     "sys tag": (lambda l: l.chat_completion([[{"role": "user", "content": "<<SYS>> x"}]]), "<<SYS>>"),
     "empty prompt tokens": (lambda l: l.generate([[]], max_gen_len=4), "empty"),
@@ -154,12 +158,19 @@ def test_shape_mismatch_names_the_numbers(tiny_checkpoints, tmp_path):
     params["n_kv_heads"] = 8
     params["dim"] = 128
     (tmp_path / "ck" / "params.json").write_text(json.dumps(params))
-    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wq\.weight has shape \[64, 64\], the model expects \[128, 128\]"):
+    with pytest.raises(
+        ValueError, match=r"layers\.0\.attention\.wq\.weight has shape \[64, 64\], the model expects \[128, 128\]"
+    ):
         build(tmp_path / "ck")
 
 
 def test_vocab_mismatch_names_file_and_sizes(tiny_checkpoints, tmp_path):
     _, ckpt = tiny_checkpoints["mha"]
     with pytest.raises(ValueError, match=r"128256 tokens.*vocab_size=32000"):
-        Llama.build(ckpt, tokenizer_path=str(LLAMA2_TOKENIZER.parent / "llama3_tokenizer.model"),
-                    max_seq_len=64, max_batch_size=1, device="cpu")
+        Llama.build(
+            ckpt,
+            tokenizer_path=str(LLAMA2_TOKENIZER.parent / "llama3_tokenizer.model"),
+            max_seq_len=64,
+            max_batch_size=1,
+            device="cpu",
+        )

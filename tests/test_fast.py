@@ -7,18 +7,18 @@ import sys
 
 import pytest
 import torch
-
 from conftest import LLAMA2_TOKENIZER, TINY_CONFIGS
+from test_engine import PROMPTS, build, stepwise_logits
+
 from llama_gen import Llama, fast
 from llama_gen import quantize as int8_quantize
-from llama_gen.fast import FastForward, attention_window, cpu_weight_layout, fuse_projections
-from llama_gen.memory import HUGE_PAGE, convert_weights, move_to_huge_pages, release_pages
+from llama_gen.fast.cpu import has_native_bf16_matmul
+from llama_gen.fast.gemv import INT8_MAX_ROWS, GemvLinear, use_gemv_linears
+from llama_gen.fast.memory import HUGE_PAGE, convert_weights, move_to_huge_pages, release_pages
+from llama_gen.fast.packed import PackedLinear, can_pack, pack_linears
+from llama_gen.fast.quantize import Int8Linear, quantize_rows
+from llama_gen.fast.step import FastForward, attention_window, cpu_weight_layout, fuse_projections
 from llama_gen.model import ModelArgs, Transformer
-from llama_gen.cpu import has_native_bf16_matmul
-from llama_gen.gemv import INT8_MAX_ROWS, GemvLinear, use_gemv_linears
-from llama_gen.packed import PackedLinear, can_pack, pack_linears
-from llama_gen.quantize import Int8Linear, quantize_rows
-from test_engine import PROMPTS, build, stepwise_logits
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
@@ -53,7 +53,14 @@ def test_attention_window_covers_the_position():
     assert [attention_window(p, 2048) for p in (0, 15, 16, 100, 2047)] == [16, 16, 32, 112, 2048]
     assert attention_window(100, 48) == 48
     # static windows (CUDA graphs): a power of two from 64
-    assert [attention_window(p, 2048, static=True) for p in (0, 63, 64, 255, 256, 1500)] == [64, 64, 128, 256, 512, 2048]
+    assert [attention_window(p, 2048, static=True) for p in (0, 63, 64, 255, 256, 1500)] == [
+        64,
+        64,
+        128,
+        256,
+        512,
+        2048,
+    ]
     assert attention_window(100, 48, static=True) == 48
 
 
@@ -63,12 +70,12 @@ def test_compiled_greedy_equals_eager(tiny_checkpoints, monkeypatch, aot):
     _, ckpt = tiny_checkpoints["gqa"]
     eager = build(ckpt)
     fast = build(ckpt, compile=True)
-    assert fast.fast_forward is not None and fast.fast_forward.compiled
-    assert (fast.fast_forward.aot is not None) == aot
+    assert fast.forward is not None and fast.forward.compiled
+    assert (fast.forward.aot is not None) == aot
     expected, _ = eager.generate(PROMPTS, max_gen_len=12, temperature=0)  # 5 prompts: batches of 4 and 1
     got, _ = fast.generate(PROMPTS, max_gen_len=12, temperature=0)
     assert got == expected
-    assert set(fast.fast_forward.compile_seconds) == {(4, 0), (1, 0)}  # one dynamic-window graph per batch size
+    assert set(fast.forward.compile_seconds) == {(4, 0), (1, 0)}  # one dynamic-window graph per batch size
     layer = {"packed": PackedLinear, "gemv": GemvLinear, "plain": torch.nn.Linear}[cpu_weight_layout(fast.model)]
     assert any(type(m) is layer for m in fast.model.modules())  # the CPU's layout: Intel packed, else loops
     # logprobs and sampling with a seed go through the same compiled step
@@ -85,7 +92,7 @@ def test_generations_of_other_lengths_reuse_the_compiled_graphs(tiny_checkpoints
 
     _, ckpt = tiny_checkpoints["gqa"]
     fast = build(ckpt, compile=True, max_batch_size=2)
-    fast.fast_forward.warm_up((1, 2), max_pos=60)
+    fast.forward.warm_up((1, 2), max_pos=60)
     compiled = counters["stats"]["unique_graphs"]
     for prompts, n in [(PROMPTS[:2], 5), (PROMPTS[:2], 9), (PROMPTS[:1], 7), (PROMPTS[1:3], 11)]:
         fast.generate(prompts, max_gen_len=n, temperature=0)
@@ -158,15 +165,22 @@ def test_packed_linear_matches_f_linear_eager_and_compiled(dtype):
     assert torch.allclose(compiled(x).float(), torch.relu(layer(x)).float() + 1, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("native_bf16, intel, dtype, max_batch, layout", [
-    (True, True, torch.bfloat16, 1, "gemv"), (True, False, torch.bfloat16, 4, "gemv"),  # native bf16: loops for
-    (True, False, torch.bfloat16, 8, "packed"),  # few rows, packed for larger batches,
-    (False, False, torch.bfloat16, 8, "gemv"), (False, False, torch.bfloat16, 1, "gemv"),  # else Inductor's loops
-    (True, True, torch.float32, 8, "packed"), (True, True, torch.float32, 1, "plain"),  # Intel: MKL's gemv at batch 1
-    (False, False, torch.float32, 1, "gemv"), (False, False, torch.float32, 8, "gemv"),  # others: loops for few rows,
-    (False, False, torch.float32, 16, "packed"),  # packed beyond
-    (True, True, torch.float16, 1, "plain"),
-])
+@pytest.mark.parametrize(
+    "native_bf16, intel, dtype, max_batch, layout",
+    [
+        (True, True, torch.bfloat16, 1, "gemv"),
+        (True, False, torch.bfloat16, 4, "gemv"),  # native bf16: loops for
+        (True, False, torch.bfloat16, 8, "packed"),  # few rows, packed for larger batches,
+        (False, False, torch.bfloat16, 8, "gemv"),
+        (False, False, torch.bfloat16, 1, "gemv"),  # else Inductor's loops
+        (True, True, torch.float32, 8, "packed"),
+        (True, True, torch.float32, 1, "plain"),  # Intel: MKL's gemv at batch 1
+        (False, False, torch.float32, 1, "gemv"),
+        (False, False, torch.float32, 8, "gemv"),  # others: loops for few rows,
+        (False, False, torch.float32, 16, "packed"),  # packed beyond
+        (True, True, torch.float16, 1, "plain"),
+    ],
+)
 def test_cpu_weight_layout_follows_the_cpu(monkeypatch, native_bf16, intel, dtype, max_batch, layout):
     monkeypatch.setattr(fast, "has_native_bf16_matmul", lambda: native_bf16)
     monkeypatch.setattr(fast, "mkl_gemv_is_fastest", lambda: intel)
@@ -252,7 +266,9 @@ def advised_huge(tensor: torch.Tensor) -> bool:
 
 def test_move_to_huge_pages_keeps_outputs_sharing_and_embeddings(tmp_path):
     embedding = torch.nn.Embedding(100, 64)
-    model = torch.nn.Sequential(embedding, torch.nn.Linear(64, 4096, bias=False), torch.nn.Linear(4096, 100, bias=False))
+    model = torch.nn.Sequential(
+        embedding, torch.nn.Linear(64, 4096, bias=False), torch.nn.Linear(4096, 100, bias=False)
+    )
     model[2].weight = torch.nn.Parameter(torch.randn(100, 4096))
     model.register_buffer("scale", torch.tensor([2.0]))
     shared = torch.nn.Linear(4096, 100, bias=False)
@@ -277,11 +293,13 @@ def test_move_to_huge_pages_keeps_outputs_sharing_and_embeddings(tmp_path):
 @pytest.mark.real_model
 def test_default_model_fast_path_greedy_equals_eager():
     llama = Llama.build(max_seq_len=256, max_batch_size=3, device="cpu", dtype="float32")
-    prompts = [llama.tokenizer.encode(p, bos=False, eos=False) for p in
-               ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]]
+    prompts = [
+        llama.tokenizer.encode(p, bos=False, eos=False)
+        for p in ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    ]
     expected, _ = llama.generate(prompts, max_gen_len=24, temperature=0)
     fuse_projections(llama.model)
-    llama.fast_forward = FastForward(llama.model, compile=False)
+    llama = Llama(llama.model, llama.tokenizer, llama.generation_config, forward=FastForward(llama.model, compile=False))
     got, _ = llama.generate(prompts, max_gen_len=24, temperature=0)
     assert got == expected
 
@@ -290,11 +308,13 @@ def test_default_model_fast_path_greedy_equals_eager():
 def test_eager_decoding_never_imports_the_compiler(tiny_checkpoints, quantize):
     # torch._dynamo costs ~74 MiB resident; without compile=True nothing needs it (a fresh process: this one has it)
     _, ckpt = tiny_checkpoints["gqa"]
-    code = (f"import sys; from llama_gen import Llama; "
-            f"llama = Llama.build({str(ckpt)!r}, tokenizer_path={str(LLAMA2_TOKENIZER)!r}, max_seq_len=64, "
-            f"max_batch_size=2, device='cpu', quantize={quantize!r}); "
-            f"llama.text_completion(['Hello', 'A longer prompt'], max_gen_len=4, temperature=0.7, logprobs=True); "
-            f"print('torch._dynamo' in sys.modules)")
+    code = (
+        f"import sys; from llama_gen import Llama; "
+        f"llama = Llama.build({str(ckpt)!r}, tokenizer_path={str(LLAMA2_TOKENIZER)!r}, max_seq_len=64, "
+        f"max_batch_size=2, device='cpu', quantize={quantize!r}); "
+        f"llama.text_completion(['Hello', 'A longer prompt'], max_gen_len=4, temperature=0.7, logprobs=True); "
+        f"print('torch._dynamo' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
@@ -303,13 +323,15 @@ def test_eager_decoding_never_imports_the_compiler(tiny_checkpoints, quantize):
 def test_aot_int8_step_matches_torch_compile_and_never_imports_the_compiler(tiny_checkpoints, tmp_path, monkeypatch):
     # The generating process loads the package built by a child process: the compiler is never imported.
     _, ckpt = tiny_checkpoints["gqa"]
-    code = (f"import sys, torch; from llama_gen import Llama; "
-            f"llama = Llama.build({str(ckpt)!r}, tokenizer_path={str(LLAMA2_TOKENIZER)!r}, max_seq_len=64, "
-            f"max_batch_size=1, device='cpu', quantize='int8', compile=True); "
-            f"assert llama.fast_forward.aot is not None; "
-            f"out = llama.text_completion(['Hello there'], max_gen_len=10, temperature=0, logprobs=True)[0]; "
-            f"import json; print(json.dumps([out['generation'], out['logprobs']])); "
-            f"print(any(m.startswith(('torch._inductor', 'torch._dynamo')) for m in sys.modules))")
+    code = (
+        f"import sys, torch; from llama_gen import Llama; "
+        f"llama = Llama.build({str(ckpt)!r}, tokenizer_path={str(LLAMA2_TOKENIZER)!r}, max_seq_len=64, "
+        f"max_batch_size=1, device='cpu', quantize='int8', compile=True); "
+        f"assert llama.forward.aot is not None; "
+        f"out = llama.text_completion(['Hello there'], max_gen_len=10, temperature=0, logprobs=True)[0]; "
+        f"import json; print(json.dumps([out['generation'], out['logprobs']])); "
+        f"print(any(m.startswith(('torch._inductor', 'torch._dynamo')) for m in sys.modules))"
+    )
     env = {**os.environ, "LLAMA_GEN_CACHE": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
@@ -319,7 +341,7 @@ def test_aot_int8_step_matches_torch_compile_and_never_imports_the_compiler(tiny
     # the same generation with torch.compile in this process (same Inductor loops, same numbers)
     monkeypatch.setenv("LLAMA_GEN_AOT", "0")
     llama = build(ckpt, compile=True, quantize="int8", max_seq_len=64, max_batch_size=1)
-    assert llama.fast_forward.aot is None
+    assert llama.forward.aot is None
     expected = llama.text_completion(["Hello there"], max_gen_len=10, temperature=0, logprobs=True)[0]
     generation, logprobs = json.loads(output)
     assert generation == expected["generation"]
@@ -337,7 +359,7 @@ def test_aot_step_with_packed_weights_equals_eager(tiny_checkpoints, monkeypatch
     _, ckpt = tiny_checkpoints["gqa"]
     expected, _ = build(ckpt, max_batch_size=2).generate(PROMPTS[:2], max_gen_len=10, temperature=0)
     packed = build(ckpt, max_batch_size=2, compile=True)
-    assert packed.fast_forward.aot is not None and any(type(m) is PackedLinear for m in packed.model.modules())
+    assert packed.forward.aot is not None and any(type(m) is PackedLinear for m in packed.model.modules())
     got, _ = packed.generate(PROMPTS[:2], max_gen_len=10, temperature=0)
     assert got == expected
 
@@ -365,4 +387,4 @@ def test_failed_ahead_of_time_build_falls_back_to_torch_compile(tiny_checkpoints
     expected, _ = build(ckpt, max_batch_size=1).generate(PROMPTS[:1], max_gen_len=8, temperature=0)
     with pytest.warns(UserWarning, match="in-process with torch.compile instead"):
         got, _ = fast.generate(PROMPTS[:1], max_gen_len=8, temperature=0)
-    assert got == expected and fast.fast_forward.aot is None
+    assert got == expected and fast.forward.aot is None

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import LLAMA2_TOKENIZER, REPO, TINY_CONFIGS
+
 from llama_gen import Llama, cli
-from llama_gen.info import format_info, human, model_info
+from llama_gen.apps.info import format_info, human, model_info
 
 
 def checkpoint_numel(ckpt) -> int:
@@ -39,8 +39,9 @@ def test_default_model_counts():
 
 def test_kv_cache_matches_what_the_model_allocates(tiny_checkpoints):
     _, ckpt = tiny_checkpoints["gqa"]
-    llama = Llama.build(ckpt, tokenizer_path=str(LLAMA2_TOKENIZER), max_seq_len=96, max_batch_size=3,
-                        device="cpu", dtype="float32")
+    llama = Llama.build(
+        ckpt, tokenizer_path=str(LLAMA2_TOKENIZER), max_seq_len=96, max_batch_size=3, device="cpu", dtype="float32"
+    )
     allocated = sum(layer.attention.cache_k.nbytes + layer.attention.cache_v.nbytes for layer in llama.model.layers)
     info = model_info(ckpt, str(LLAMA2_TOKENIZER), max_seq_len=96, max_batch_size=3, device="cpu", dtype="float32")
     assert info["kv_cache_bytes"] == allocated
@@ -78,7 +79,7 @@ def test_fits_against_available_memory(tiny_checkpoints):
 
 
 def test_human_sizes():
-    assert human(512) == "512 B" and human(1536) == "1.50 KiB" and human(3 * 2 ** 30) == "3.00 GiB"
+    assert human(512) == "512 B" and human(1536) == "1.50 KiB" and human(3 * 2**30) == "3.00 GiB"
 
 
 def test_cli_and_script(tiny_checkpoints, capsys):
@@ -92,9 +93,22 @@ def test_cli_and_script(tiny_checkpoints, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["frobnicate"])
     assert e.value.code == 2
-    run = subprocess.run([sys.executable, "scripts/info.py", "--ckpt_dir", str(ckpt), "--tokenizer_path",
-                          str(LLAMA2_TOKENIZER), "--max_seq_len", "256"], cwd=REPO, capture_output=True, text=True,
-                         timeout=60)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "scripts/info.py",
+            "--ckpt_dir",
+            str(ckpt),
+            "--tokenizer_path",
+            str(LLAMA2_TOKENIZER),
+            "--max_seq_len",
+            "256",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     assert "parameters" in run.stdout and "max_seq_len=256" in run.stdout and "fits" in run.stdout
     if shutil.which("llama-gen"):

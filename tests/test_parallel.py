@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import LLAMA2_TOKENIZER, REPO
-from llama_gen import Llama, parallel
-from llama_gen.checkpoint import (find_shards, load_state_dict, read_params, shard_state, split_dim,
-                                  validate_parallel)
-from llama_gen.model import ModelArgs
-from llama_gen.reshard import reshard
 from mp_worker import build, run_checks
+
+from llama_gen import Llama, parallel
+from llama_gen.checkpoint import find_shards, load_state_dict, read_params, split_dim, validate_parallel
+from llama_gen.convert.reshard import reshard, shard_state
+from llama_gen.model import ModelArgs
 
 TOLERANCE = 1e-5  # fp32 logits of every layout vs the single-process, single-shard run
 
@@ -65,11 +64,13 @@ def assert_same_results(got: dict, expected: dict, where: str) -> None:
         assert diff <= TOLERANCE, f"{where}: {key} differ by {diff}"
     for key in ("greedy", "seeded", "global_rng"):
         assert got[key] == expected[key], f"{where}: {key} tokens differ"
-    assert torch.allclose(torch.tensor(got["greedy_logprobs"]), torch.tensor(expected["greedy_logprobs"]),
-                          atol=TOLERANCE), where
+    assert torch.allclose(
+        torch.tensor(got["greedy_logprobs"]), torch.tensor(expected["greedy_logprobs"]), atol=TOLERANCE
+    ), where
 
 
 # ---- single process: no torchrun, no process group ----------------------------------------------------
+
 
 def test_helpers_without_distributed():
     assert not torch.distributed.is_initialized()
@@ -134,9 +135,11 @@ def test_bad_parallel_layouts_raise(tiny_checkpoints):
 
 # ---- reshard -------------------------------------------------------------------------------------------
 
+
 def run_reshard(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "reshard.py"), *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "reshard.py"), *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_reshard_round_trip_is_exact(layouts, tmp_path):
@@ -178,6 +181,7 @@ def test_reshard_bad_input(layouts, tmp_path):
 
 # ---- several processes under torchrun ----------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -188,9 +192,22 @@ def torchrun(nproc: int, ckpts: list[Path], out: Path, model_parallel_size: int 
     """Runs tests/mp_worker.py on nproc processes; returns each rank's saved results."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               str(REPO / "tests" / "mp_worker.py"), "--out", str(out), "--tokenizer", str(LLAMA2_TOKENIZER)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "mp_worker.py"),
+        "--out",
+        str(out),
+        "--tokenizer",
+        str(LLAMA2_TOKENIZER),
+    ]
     if model_parallel_size is not None:
         command += ["--model_parallel_size", str(model_parallel_size)]
     done = subprocess.run(command + [str(c) for c in ckpts], env=env, capture_output=True, text=True, timeout=240)
@@ -217,8 +234,15 @@ def test_two_processes_any_shard_count(layouts, reference, tmp_path):
     ranks = torchrun(2, [layouts[n] for n in names], tmp_path)
     check_ranks(ranks, layouts, reference, names)
     for rank, result in enumerate(ranks):
-        assert result["facts"] == {"rank": rank, "world_size": 2, "backend": "gloo", "mp_rank": rank,
-                                   "mp_world_size": 2, "dp_rank": 0, "dp_world_size": 1}
+        assert result["facts"] == {
+            "rank": rank,
+            "world_size": 2,
+            "backend": "gloo",
+            "mp_rank": rank,
+            "mp_world_size": 2,
+            "dp_rank": 0,
+            "dp_world_size": 1,
+        }
         mha = result[str(layouts["mha1"])]
         assert mha["output_layer"] == "ColumnParallelLinear"
         assert (mha["local_heads"], mha["local_kv_heads"]) == (2, 2)  # the KV cache holds the local heads only
@@ -239,8 +263,10 @@ def test_data_parallel_groups(layouts, reference, tmp_path):
     """WORLD_SIZE=4 with model_parallel_size=2: two replicas, each split over two ranks."""
     ranks = torchrun(4, [layouts["mha4"]], tmp_path, model_parallel_size=2)
     check_ranks(ranks, layouts, reference, ["mha4"])
-    facts = [(r["facts"]["mp_rank"], r["facts"]["mp_world_size"], r["facts"]["dp_rank"],
-              r["facts"]["dp_world_size"]) for r in ranks]
+    facts = [
+        (r["facts"]["mp_rank"], r["facts"]["mp_world_size"], r["facts"]["dp_rank"], r["facts"]["dp_world_size"])
+        for r in ranks
+    ]
     assert facts == [(0, 2, 0, 2), (1, 2, 0, 2), (0, 2, 1, 2), (1, 2, 1, 2)]
 
 

@@ -11,10 +11,15 @@ pytestmark = pytest.mark.real_model
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Write a haiku about the sea."}],
-    [{"role": "system", "content": "You are a terse assistant."},
-     {"role": "user", "content": "Name three primary colors."}],
-    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help you today?"},
-     {"role": "user", "content": "Give me a tip for learning Python."}],
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Name three primary colors."},
+    ],
+    [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello! How can I help you today?"},
+        {"role": "user", "content": "Give me a tip for learning Python."},
+    ],
     [{"role": "user", "content": "Explain what a neural network is in one paragraph."}],
 ]
 
@@ -49,9 +54,14 @@ def test_greedy_answers_match_transformers(smollm2, hf_smollm2):
     prompts = [smollm2.get_chat_format().encode_dialog(smollm2.tokenizer, d) for d in CHATS]
     for prompt, pred in zip(prompts, ours):
         with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False,
-                                 eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=2)
-        expected = out[0, len(prompt):].tolist()
+            out = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=64,
+                do_sample=False,
+                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                pad_token_id=2,
+            )
+        expected = out[0, len(prompt) :].tolist()
         if expected and expected[-1] == 2:
             expected = expected[:-1]
         got = smollm2.generate([prompt], max_gen_len=64, temperature=0)[0][0]

@@ -9,7 +9,7 @@ The packed weight is an opaque oneDNN tensor, which neither ``torch.compile`` no
 an input; the layer therefore calls it through the custom op ``llama_gen::packed_linear``, which names the
 weight by a key held in a one-element buffer (the layer's ``handle``), so the compiled decode step sees an
 opaque call with ordinary tensors in and out. Being a buffer, the key is bound like any other model tensor
-when a step built ahead of time in another process is loaded (llama_gen.aot), so that process's keys never
+when a step built ahead of time in another process is loaded (llama_gen.fast.aot), so that process's keys never
 matter.
 """
 
@@ -19,8 +19,8 @@ import weakref
 import torch
 from torch import nn
 
-from llama_gen.cpu import has_native_bf16_matmul
-from llama_gen.memory import replace_modules
+from llama_gen.fast.cpu import has_native_bf16_matmul
+from llama_gen.fast.memory import replace_modules
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -50,9 +50,13 @@ torch.library.register_fake("llama_gen::packed_linear", _packed_linear_shape, li
 def can_pack(weight: torch.Tensor) -> bool:
     """True when this weight can be packed: a CPU float32 matrix with PyTorch built with oneDNN, or a bf16 one
     on a CPU with native bf16 matmuls."""
-    return (weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES and weight.dim() == 2
-            and torch.backends.mkldnn.is_available()
-            and (weight.dtype != torch.bfloat16 or has_native_bf16_matmul()))
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in PACKABLE_DTYPES
+        and weight.dim() == 2
+        and torch.backends.mkldnn.is_available()
+        and (weight.dtype != torch.bfloat16 or has_native_bf16_matmul())
+    )
 
 
 class PackedLinear(nn.Module):
@@ -80,6 +84,9 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module, batch_size: int) -> nn.Module:
     """Replaces every plain CPU float32/bf16 ``nn.Linear`` (no bias) by a PackedLinear in place; returns the model."""
-    replace_modules(model, lambda m: type(m) is nn.Linear and m.bias is None and can_pack(m.weight),
-                    lambda m: PackedLinear(m.weight, batch_size))
+    replace_modules(
+        model,
+        lambda m: type(m) is nn.Linear and m.bias is None and can_pack(m.weight),
+        lambda m: PackedLinear(m.weight, batch_size),
+    )
     return model

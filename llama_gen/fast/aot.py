@@ -3,7 +3,7 @@
 ``torch.compile`` compiles in the generating process: importing the compiler costs ~120 MiB of resident
 memory (as much as the default model's int8 weights), compiling costs more, and every step then pays
 Python-side dispatch between its ~250 kernels (2-3 ms of a ~10 ms int8 step on the default model). Here the
-step (llama_gen.fast.decode_step, unchanged) is exported with ``torch.export`` and compiled by AOTInductor
+step (llama_gen.fast.step.decode_step, unchanged) is exported with ``torch.export`` and compiled by AOTInductor
 into a shared library, in a child process; the generating process loads it with PyTorch's C++ loader, without
 importing the compiler, and hands it its own weights, KV cache and masks as user-managed constants (no copy),
 so one call runs the whole step in C++.
@@ -25,17 +25,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 
-import llama_gen
-from llama_gen.cpu import cpuinfo_field
+from llama_gen.checkpoint import release_freed_memory
+from llama_gen.fast.cpu import cpuinfo_field
 from llama_gen.model import ModelArgs, Transformer
 
-# What the compiled code is made of:
-PACKAGE_SOURCES = ("aot.py", "fast.py", "gemv.py", "model.py", "packed.py", "quantize.py")
+# What the compiled code is made of (relative to the llama_gen package): the model and the whole fast path.
+PACKAGE_SOURCES = ("model.py", "fast/*.py")
 
 
 def cache_dir() -> Path:
@@ -47,15 +46,21 @@ def cache_dir() -> Path:
 def source_digest() -> str:
     """Returns a digest of the package sources the compiled step is made of (a change invalidates packages)."""
     digest = hashlib.sha256()
-    for name in PACKAGE_SOURCES:
-        digest.update((Path(llama_gen.__file__).parent / name).read_bytes())
+    root = Path(__file__).resolve().parents[1]  # the llama_gen package
+    for path in sorted(p for pattern in PACKAGE_SOURCES for p in root.glob(pattern)):
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def step_spec(model: Transformer, batch_size: int, quantize: Optional[str], layout: str) -> dict:
+def step_spec(model: Transformer, batch_size: int, quantize: str | None, layout: str) -> dict:
     """Returns the JSON-able description a child process rebuilds the model's structure from."""
-    return {"args": dataclasses.asdict(model.args), "dtype": str(model.norm.weight.dtype).removeprefix("torch."),
-            "quantize": quantize, "layout": layout, "batch_size": batch_size}
+    return {
+        "args": dataclasses.asdict(model.args),
+        "dtype": str(model.norm.weight.dtype).removeprefix("torch."),
+        "quantize": quantize,
+        "layout": layout,
+        "batch_size": batch_size,
+    }
 
 
 def package_path(spec: dict) -> Path:
@@ -86,7 +91,7 @@ class StepModule(nn.Module):
             as_buffer(layer.attention, "cache_v")
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, window_probe: torch.Tensor) -> torch.Tensor:
-        from llama_gen.fast import decode_step
+        from llama_gen.fast.step import decode_step
 
         return decode_step(self.model, tokens, input_pos, self.mask[:, : window_probe.shape[0]])
 
@@ -103,9 +108,23 @@ def as_buffer(module: nn.Module, name: str) -> None:
 SPARE_CACHE_POSITIONS = 1
 
 
+def setup_padded_caches(model: Transformer) -> None:
+    """Allocates the model's KV caches with SPARE_CACHE_POSITIONS unused positions past max_seq_len (and its
+    rotary table), freeing any old caches first so the new ones can reuse their memory."""
+    args, weight = model.args, model.norm.weight
+    for layer in model.layers:
+        layer.attention.cache_k = layer.attention.cache_v = None
+    release_freed_memory()
+    for layer in model.layers:
+        layer.attention.setup_cache(
+            args.max_batch_size, args.max_seq_len + SPARE_CACHE_POSITIONS, weight.device, weight.dtype
+        )
+    model.rope = model.rope_table()
+
+
 def skeleton(spec: dict) -> Transformer:
     """Returns a model with the spec's structure (weights uninitialized, layout and quantization applied)."""
-    from llama_gen.fast import apply_layout
+    from llama_gen.fast.step import apply_layout
 
     args = ModelArgs(**spec["args"])
     with torch.device("meta"):
@@ -114,7 +133,7 @@ def skeleton(spec: dict) -> Transformer:
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()  # placeholder values (quantizing uninitialized memory would warn about NaNs)
-    model.setup_caches(spare_positions=SPARE_CACHE_POSITIONS)
+    setup_padded_caches(model)
     apply_layout(model, spec["quantize"], spec["layout"])
     return model
 
@@ -124,7 +143,7 @@ def build_package(spec: dict, path: Path) -> None:
     import torch._inductor
     from torch.export import Dim, export
 
-    from llama_gen.fast import causal_mask
+    from llama_gen.fast.step import causal_mask
 
     model = skeleton(spec)
     args = model.args
@@ -133,8 +152,9 @@ def build_package(spec: dict, path: Path) -> None:
     example = (tokens, torch.tensor([0]), torch.empty(min(64, args.max_seq_len)))
     window = Dim("window", min=2, max=args.max_seq_len)
     with torch.no_grad():
-        program = export(step, example, dynamic_shapes={"tokens": None, "input_pos": None,
-                                                        "window_probe": {0: window}}, strict=True)
+        program = export(
+            step, example, dynamic_shapes={"tokens": None, "input_pos": None, "window_probe": {0: window}}, strict=True
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".partial-{os.getpid()}.pt2")
         # Constants stay the caller's tensors: none is stored in the package, and none is inlined into the code
@@ -147,24 +167,36 @@ def build_package(spec: dict, path: Path) -> None:
 def ensure_package(spec: dict) -> Path:
     """Returns the package for spec, built first if it is not cached.
 
-    A missing package is built by a child process (``python -m llama_gen.aot``), so the compiler's memory
+    A missing package is built by a child process (``python -m llama_gen.fast.aot``), so the compiler's memory
     and imports never enter this one.
     """
     path = package_path(spec)
     if path.exists():
         return path
-    print(f"compiling the decode step ahead of time (batch {spec['batch_size']}, once; cached in "
-          f"{path.parent}) ...", file=sys.stderr, flush=True)
+    print(
+        f"compiling the decode step ahead of time (batch {spec['batch_size']}, once; cached in {path.parent}) ...",
+        file=sys.stderr,
+        flush=True,
+    )
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "llama_gen.aot", json.dumps(spec), str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "llama_gen.fast.aot", json.dumps(spec), str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if result.returncode != 0 or not path.exists():
-        raise AotBuildError(f"building the decode step ahead of time failed (exit {result.returncode}); its output "
-                            f"ends:\n{result.stdout[-2000:]}")
+        raise AotBuildError(
+            f"building the decode step ahead of time failed (exit {result.returncode}); its output "
+            f"ends:\n{result.stdout[-2000:]}"
+        )
     seconds = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child's, so far
-    print(f"compiled the decode step in {seconds:.1f} s (compiler process peak {peak_mib:.0f} MiB)",
-          file=sys.stderr, flush=True)
+    print(
+        f"compiled the decode step in {seconds:.1f} s (compiler process peak {peak_mib:.0f} MiB)",
+        file=sys.stderr,
+        flush=True,
+    )
     return path
 
 
@@ -175,8 +207,8 @@ class AotStep:
     ``[b, 1, vocab]``; it must be this object's model and mask.
     """
 
-    def __init__(self, model: Transformer, mask: torch.Tensor, quantize: Optional[str], layout: str):
-        model.setup_caches(spare_positions=SPARE_CACHE_POSITIONS)
+    def __init__(self, model: Transformer, mask: torch.Tensor, quantize: str | None, layout: str):
+        setup_padded_caches(model)
         self.model = model
         self.mask = mask
         self.quantize = quantize
@@ -195,8 +227,9 @@ class AotStep:
             self.loaders[batch_size] = loader
         return self.loaders[batch_size]
 
-    def __call__(self, model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor,
-                 mask_columns: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, mask_columns: torch.Tensor
+    ) -> torch.Tensor:
         window_probe = self.probe[: mask_columns.shape[1]]
         return self.loader(tokens.shape[0]).run([tokens, input_pos, window_probe])[0]
 

@@ -1,49 +1,15 @@
 """Keeping one copy of the weights in memory while they are converted, fused, packed or quantized at load time."""
 
 import ctypes
-import functools
-import mmap
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
-_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (file-backed pages are simply dropped)
+from llama_gen.checkpoint import libc, release_freed_memory, release_pages
+
 _MADV_HUGEPAGE = 14  # back this anonymous range with transparent huge pages where the kernel allows it
 HUGE_PAGE = 2 << 20
 TENSOR_ALIGNMENT = 64  # bytes: a cache line, and what vector loads and oneDNN prefer
-
-
-@functools.cache
-def _libc() -> Optional[ctypes.CDLL]:
-    """The C library of this process, or None where it cannot be loaded."""
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-def release_pages(tensor: torch.Tensor) -> None:
-    """Asks the kernel to drop the resident pages under a CPU tensor we are done with.
-
-    Weights loaded with ``torch.load(mmap=True)`` stay resident (and count in RSS) once read, until the whole
-    file is unmapped. When a weight is replaced by a fused or quantized copy, dropping its pages keeps the
-    peak at one copy of the weights. Data is never changed: anonymous pages without swap are left in place.
-    """
-    libc = _libc()
-    if libc is None or tensor.device.type != "cpu" or tensor.numel() == 0:
-        return
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
-
-
-def release_freed_memory() -> None:
-    """Returns memory freed by the C allocator to the OS (glibc keeps freed heap pages resident otherwise)."""
-    trim = getattr(_libc(), "malloc_trim", None)  # glibc only
-    if trim is not None:
-        trim(0)
 
 
 def huge_page_tensors(specs: list[tuple[torch.Size, torch.dtype]]) -> list[torch.Tensor]:
@@ -64,13 +30,15 @@ def huge_page_tensors(specs: list[tuple[torch.Size, torch.dtype]]) -> list[torch
         total += -(-nbytes // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT
     raw = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)
     skip = -raw.data_ptr() % HUGE_PAGE
-    arena = raw[skip: skip + total]
+    arena = raw[skip : skip + total]
     whole_pages = total // HUGE_PAGE * HUGE_PAGE  # a partial last page stays small: no memory beyond `total`
-    libc = _libc()
-    if libc is not None and whole_pages:
-        libc.madvise(ctypes.c_void_p(arena.data_ptr()), ctypes.c_size_t(whole_pages), _MADV_HUGEPAGE)
-    return [arena[offset: offset + nbytes].view(dtype).view(shape)
-            for (offset, nbytes), (shape, dtype) in zip(spans, specs)]
+    c = libc()
+    if c is not None and whole_pages:
+        c.madvise(ctypes.c_void_p(arena.data_ptr()), ctypes.c_size_t(whole_pages), _MADV_HUGEPAGE)
+    return [
+        arena[offset : offset + nbytes].view(dtype).view(shape)
+        for (offset, nbytes), (shape, dtype) in zip(spans, specs)
+    ]
 
 
 def move_to_huge_pages(model: torch.nn.Module) -> None:
@@ -115,39 +83,22 @@ def copy_releasing(target: torch.Tensor, source: torch.Tensor, chunk_bytes: int 
     flat_target, flat_source = target.view(-1), source.view(-1)
     step = max(1, chunk_bytes // source.element_size())
     for start in range(0, flat_source.numel(), step):
-        flat_target[start: start + step].copy_(flat_source[start: start + step])
-        release_pages(flat_source[start: start + step])
+        flat_target[start : start + step].copy_(flat_source[start : start + step])
+        release_pages(flat_source[start : start + step])
 
 
-def convert_weights(state: dict[str, torch.Tensor], dtype: torch.dtype,
-                    device: torch.device) -> dict[str, torch.Tensor]:
-    """Returns the weights in ``dtype`` on ``device``, converting one tensor at a time (``state`` is emptied).
-
-    Each source tensor's memory-mapped pages are dropped once it is converted, so the checkpoint's pages and the
-    converted weights never all sit in memory together (a bf16 copy of float32 weights would otherwise triple
-    the resident size).
-    """
-    converted = {}
-    for name in list(state):
-        source = state.pop(name)
-        converted[name] = source.to(device=device, dtype=dtype)
-        if converted[name].data_ptr() != source.data_ptr():
-            release_pages(source)
-        del source
-    release_freed_memory()
-    return converted
-
-
-def replace_modules(model: torch.nn.Module, select: Callable[[torch.nn.Module], bool],
-                    replace: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+def replace_modules(
+    model: torch.nn.Module,
+    select: Callable[[torch.nn.Module], bool],
+    replace: Callable[[torch.nn.Module], torch.nn.Module],
+) -> None:
     """Replaces, in place and one at a time, every submodule ``m`` with ``select(m)`` by ``replace(m)``.
 
     Each old module's memory is handed back before the next replacement is built (its memory-mapped pages
     dropped, its freed heap returned), so converting a model never holds two copies of its weights. Tensors
     the replacement shares with the old module keep their pages.
     """
-    targets = [(parent, name) for parent in model.modules()
-               for name, child in parent.named_children() if select(child)]
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children() if select(child)]
     for parent, name in targets:
         old = getattr(parent, name)
         new = replace(old)

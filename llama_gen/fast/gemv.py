@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_gen.cpu import has_native_bf16_matmul
-from llama_gen.memory import replace_modules
+from llama_gen.fast.cpu import has_native_bf16_matmul
+from llama_gen.fast.memory import replace_modules
 
 MAX_ROWS = 8  # more rows: a matmul kernel does better (and the unrolled loop body grows with every row)
 # int8's loop body is four times longer per row: at 8 rows the default model took 8 minutes to compile and ran
@@ -109,7 +109,14 @@ class GemvLinear(nn.Module):
 def use_gemv_linears(model: nn.Module) -> nn.Module:
     """Replaces every bias-free CPU float32/bf16 ``nn.Linear`` by a GemvLinear sharing its weight (in place; no
     copy); returns the model."""
-    replace_modules(model, lambda m: (type(m) is nn.Linear and m.bias is None and m.weight.device.type == "cpu"
-                                      and m.weight.dtype in (torch.float32, torch.bfloat16)),
-                    lambda m: GemvLinear(m.weight))
+    replace_modules(
+        model,
+        lambda m: (
+            type(m) is nn.Linear
+            and m.bias is None
+            and m.weight.device.type == "cpu"
+            and m.weight.dtype in (torch.float32, torch.bfloat16)
+        ),
+        lambda m: GemvLinear(m.weight),
+    )
     return model

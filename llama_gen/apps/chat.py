@@ -18,16 +18,18 @@ import signal
 import sys
 import threading
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
+from llama_gen.apps.cli import friendly_errors
 from llama_gen.chat_format import ChatFormat, Dialog, Message, get_chat_format
-from llama_gen.cli import friendly_errors
-from llama_gen.generation import LIBRARY_DEFAULTS, Llama, StreamChunk
+from llama_gen.fast.quantize import check_quantization
+from llama_gen.generation import Llama
+from llama_gen.loop import StreamChunk
+from llama_gen.options import LIBRARY_DEFAULTS
 from llama_gen.parallel import shutdown_distributed
-from llama_gen.quantize import check_quantization
 from llama_gen.sampling import SamplingParams
 
 HELP = """commands:
@@ -58,9 +60,9 @@ class Channel:
         """Prints one line, dimmed when stdout is a terminal; returns None."""
         self.say(f"\x1b[2m{text}\x1b[0m" if self.tty_out else text)
 
-    def read_line(self) -> Optional[str]:
+    def read_line(self) -> str | None:
         """Returns the user's next line on every rank, or None when the user quits (EOF, Ctrl-C)."""
-        line: Optional[str] = None
+        line: str | None = None
         if self.rank == 0:
             try:
                 line = input("> " if self.tty_in else "")
@@ -111,8 +113,9 @@ class StopOnInterrupt:
 class ChatSession:
     """A conversation: system prompt, history of user/assistant pairs, and the token budget they must fit."""
 
-    def __init__(self, llama: Llama, max_gen_len: int, system: Optional[str] = None,
-                 chat_format: Optional[str] = None, **sampling) -> None:
+    def __init__(
+        self, llama: Llama, max_gen_len: int, system: str | None = None, chat_format: str | None = None, **sampling
+    ) -> None:
         self.llama = llama
         self.fmt: ChatFormat = llama.get_chat_format(chat_format)
         self.max_gen_len = max_gen_len
@@ -138,23 +141,26 @@ class ChatSession:
         user: Message = {"role": "user", "content": text}
         self.fmt.validate(self.dialog([user]))  # reserved tags etc.: a ValueError for the caller to show
         for drop in range(len(self.history) // 2 + 1):
-            n = self.prompt_len(self.history[2 * drop:] + [user])
+            n = self.prompt_len(self.history[2 * drop :] + [user])
             if n <= self.max_prompt_len:
                 return drop, n
         return -1, n
 
     def stream(self, text: str, drop: int) -> Iterator[list[StreamChunk]]:
         """Returns the reply stream for text after dropping the ``drop`` oldest pairs."""
-        dialog = self.dialog(self.history[2 * drop:] + [{"role": "user", "content": text}])
-        return self.llama.stream_chat_completion([dialog], max_gen_len=self.max_gen_len, chat_format=self.fmt.name,
-                                                 **self.sampling)
+        dialog = self.dialog(self.history[2 * drop :] + [{"role": "user", "content": text}])
+        return self.llama.stream_chat_completion(
+            [dialog], max_gen_len=self.max_gen_len, chat_format=self.fmt.name, **self.sampling
+        )
 
     def commit(self, text: str, reply: str, drop: int) -> None:
         """Drops the oldest pairs and records the exchange; returns None."""
         for tag in getattr(self.fmt, "special_tags", []):
             reply = reply.replace(tag, "")  # so the next turn's dialog stays valid
-        self.history = self.history[2 * drop:] + [{"role": "user", "content": text},
-                                                 {"role": "assistant", "content": reply}]
+        self.history = self.history[2 * drop :] + [
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": reply},
+        ]
 
 
 def run_command(line: str, session: ChatSession, channel: Channel) -> bool:
@@ -185,15 +191,19 @@ def reply(session: ChatSession, channel: Channel, text: str, show_stats: bool) -
         channel.say(f"error: {e}")
         return
     if drop < 0:
-        channel.say(f"(that message needs {n_prompt} prompt tokens, but max_seq_len={max_seq_len} leaves "
-                    f"{session.max_prompt_len} after reserving max_gen_len={session.max_gen_len} for the reply: "
-                    "shorten it, or restart with a larger --max_seq_len or smaller --max_gen_len)")
+        channel.say(
+            f"(that message needs {n_prompt} prompt tokens, but max_seq_len={max_seq_len} leaves "
+            f"{session.max_prompt_len} after reserving max_gen_len={session.max_gen_len} for the reply: "
+            "shorten it, or restart with a larger --max_seq_len or smaller --max_gen_len)"
+        )
         return
     if drop and not session.trim_told:
         session.trim_told = True
-        channel.say(f"(the conversation no longer fits in max_seq_len={max_seq_len} with room for a "
-                    f"{session.max_gen_len}-token reply: the oldest turns are dropped from now on, "
-                    "the system prompt is kept)")
+        channel.say(
+            f"(the conversation no longer fits in max_seq_len={max_seq_len} with room for a "
+            f"{session.max_gen_len}-token reply: the oldest turns are dropped from now on, "
+            "the system prompt is kept)"
+        )
     start = time.perf_counter()
     first = None
     parts: list[str] = []
@@ -255,8 +265,14 @@ def chat_loop(session: ChatSession, channel: Channel, show_stats: bool = True) -
         reply(session, channel, line, show_stats)
 
 
-def check_args(max_seq_len: int, max_batch_size: int, max_gen_len: Optional[int], sampling: dict,
-               chat_format: Optional[str], model_parallel_size: Optional[int]) -> int:
+def check_args(
+    max_seq_len: int,
+    max_batch_size: int,
+    max_gen_len: int | None,
+    sampling: dict,
+    chat_format: str | None,
+    model_parallel_size: int | None,
+) -> int:
     """Raises ValueError on bad flags (before anything is loaded); returns the max_gen_len to use."""
     for name, value, low in (("max_seq_len", max_seq_len, 2), ("max_batch_size", max_batch_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -270,31 +286,33 @@ def check_args(max_seq_len: int, max_batch_size: int, max_gen_len: Optional[int]
         get_chat_format(chat_format)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if model_parallel_size not in (None, world):
-        raise ValueError(f"chat runs one copy of the model: --model_parallel_size must equal the number of "
-                         f"processes ({world}), got {model_parallel_size}")
+        raise ValueError(
+            f"chat runs one copy of the model: --model_parallel_size must equal the number of "
+            f"processes ({world}), got {model_parallel_size}"
+        )
     return max_gen_len
 
 
 @friendly_errors
 def main(
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
+    ckpt_dir: str | None = None,
+    tokenizer_path: str | None = None,
     max_seq_len: int = 2048,
     max_batch_size: int = 1,
-    temperature: Optional[float] = None,
-    top_p: Optional[float] = None,
-    max_gen_len: Optional[int] = None,
-    top_k: Optional[int] = None,
-    min_p: Optional[float] = None,
-    repetition_penalty: Optional[float] = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    max_gen_len: int | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
     seed: int = 1,
-    chat_format: Optional[str] = None,
-    system: Optional[str] = None,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-    model_parallel_size: Optional[int] = None,
+    chat_format: str | None = None,
+    system: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    model_parallel_size: int | None = None,
     compile: bool = False,
-    quantize: Optional[str] = None,
+    quantize: str | None = None,
     show_stats: bool = True,
     quiet_stats: bool = False,
 ) -> None:
@@ -303,27 +321,39 @@ def main(
     Sampling flags left out use the checkpoint's generation_config.json (then the library defaults).
     max_gen_len defaults to min(512, max_seq_len // 2). No --ckpt_dir: the default SmolLM2-135M-Instruct.
     """
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                    repetition_penalty=repetition_penalty)
+    sampling = dict(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty
+    )
     max_gen_len = check_args(max_seq_len, max_batch_size, max_gen_len, sampling, chat_format, model_parallel_size)
     check_quantization(quantize)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"--seed must be an integer, got {seed!r}")
-    llama = Llama.build(ckpt_dir=None if ckpt_dir is None else str(ckpt_dir), tokenizer_path=tokenizer_path,
-                        max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                        model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype,
-                        chat_format=chat_format, compile=compile, quantize=quantize)
+    llama = Llama.build(
+        ckpt_dir=None if ckpt_dir is None else str(ckpt_dir),
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        model_parallel_size=model_parallel_size,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        chat_format=chat_format,
+        compile=compile,
+        quantize=quantize,
+    )
     channel = Channel(llama.device)
     if channel.tty_in:
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    if llama.fast_forward is not None and llama.fast_forward.compiled:
+    if getattr(llama.forward, "compiled", False):  # a compiled llama_gen.fast.FastForward
         channel.dim("(compiling the decode step once for this run; cached on disk, so the next run is faster)")
-        channel.dim(f"(compiled in {llama.fast_forward.warm_up((1,), max_pos=0):.1f} s)")
+        channel.dim(f"(compiled in {llama.forward.warm_up((1,), max_pos=0):.1f} s)")
     session = ChatSession(llama, max_gen_len, None if system is None else str(system), chat_format, **sampling)
-    channel.say(f"(chat format {session.fmt.name}, max_seq_len={max_seq_len}, max_gen_len={max_gen_len}; "
-                "/help for commands, Ctrl-D to quit)")
+    channel.say(
+        f"(chat format {session.fmt.name}, max_seq_len={max_seq_len}, max_gen_len={max_gen_len}; "
+        "/help for commands, Ctrl-D to quit)"
+    )
     chat_loop(session, channel, show_stats and not quiet_stats)
     shutdown_distributed()

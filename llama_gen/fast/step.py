@@ -11,25 +11,25 @@ The eager ``Transformer.forward`` stays the reference. This module only adds:
   shape is recorded separately, windows are powers of two and each is a static graph.
 * ``FastForward``: a drop-in for ``model.forward`` that runs the prompt (several tokens) eagerly and every
   single-token step through the (optionally compiled) ``decode_step``: on CPU built ahead of time in a child
-  process (llama_gen.aot), else with ``torch.compile``.
+  process (llama_gen.fast.aot), else with ``torch.compile``.
 """
 
 import gc
 import time
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from llama_gen.aot import AotBuildError, AotStep, aot_enabled
-from llama_gen.cpu import has_native_bf16_matmul, mkl_gemv_is_fastest
-from llama_gen.gemv import MAX_ROWS, NATIVE_BF16_MAX_ROWS, use_gemv_linears
+from llama_gen.fast.aot import AotBuildError, AotStep, aot_enabled
+from llama_gen.fast.cpu import has_native_bf16_matmul, mkl_gemv_is_fastest
+from llama_gen.fast.gemv import MAX_ROWS, NATIVE_BF16_MAX_ROWS, use_gemv_linears
+from llama_gen.fast.memory import move_to_huge_pages, release_freed_memory, release_pages
+from llama_gen.fast.packed import pack_linears
+from llama_gen.fast.quantize import Int8Linear
+from llama_gen.fast.quantize import quantize as quantize_model
 from llama_gen.model import Attention, Transformer
-from llama_gen.memory import move_to_huge_pages, release_freed_memory, release_pages
-from llama_gen.packed import pack_linears
-from llama_gen.quantize import Int8Linear
-from llama_gen.quantize import quantize as quantize_model
 
 MIN_WINDOW = 64  # static windows (CUDA graphs): powers of two from this up to max_seq_len
 WINDOW_STEP = 16  # dynamic windows (otherwise): multiples of this
@@ -97,8 +97,9 @@ def attention_window(pos: int, max_seq_len: int, static: bool = False) -> int:
     return min(window, max_seq_len)
 
 
-def attention_step(attn: Attention, x: torch.Tensor, input_pos: torch.Tensor, rope: torch.Tensor,
-                   mask: torch.Tensor, window: int) -> torch.Tensor:
+def attention_step(
+    attn: Attention, x: torch.Tensor, input_pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, window: int
+) -> torch.Tensor:
     """Attention for one new token per sequence (x ``[b, 1, dim]``) at position ``input_pos`` ``[1]``."""
     bsz = x.shape[0]
     q, k, v = attn.project(x, rope)
@@ -121,14 +122,15 @@ def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     bsz, _, n_heads, head_dim = q.shape
     n_kv = keys.shape[2]
     grouped = q.view(bsz, 1, n_kv, n_heads // n_kv, head_dim).float()  # query heads grouped by their KV head
-    scores = (grouped * keys[:, :, :, None, :].float()).sum(-1) * head_dim ** -0.5  # [b, window, kv, group]
+    scores = (grouped * keys[:, :, :, None, :].float()).sum(-1) * head_dim**-0.5  # [b, window, kv, group]
     probs = scores.masked_fill(~mask.view(1, -1, 1, 1), float("-inf")).softmax(dim=1)
     out = (probs[..., None] * values[:, :, :, None, :].float()).sum(1)  # [b, kv, group, hd]
     return out.reshape(bsz, 1, n_heads * head_dim).type_as(q)
 
 
-def decode_step(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor,
-                mask_columns: torch.Tensor) -> torch.Tensor:
+def decode_step(
+    model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, mask_columns: torch.Tensor
+) -> torch.Tensor:
     """Returns float32 logits ``[b, 1, vocab]`` for tokens ``[b, 1]`` at position ``input_pos`` ``[1]``.
 
     ``mask_columns`` is the causal mask's first ``window`` columns (``[max_seq_len, window]``): its width is the
@@ -151,7 +153,7 @@ def free_compiler_memory() -> None:
     release_freed_memory()
 
 
-def default_compile_mode(device: torch.device) -> Optional[str]:
+def default_compile_mode(device: torch.device) -> str | None:
     """CUDA graphs ("reduce-overhead") on GPU; inductor's default mode elsewhere."""
     return "reduce-overhead" if device.type == "cuda" else None
 
@@ -162,14 +164,21 @@ class FastForward:
     With ``compile=True`` the decode step is compiled with ``torch.compile(fullgraph=True)`` on first use: one
     graph per batch size (the window is a dynamic dimension; a window of the whole cache gets its own graph),
     or with CUDA graphs one per batch size and static window; with ``aot`` (CPU) it is instead built ahead of
-    time by llama_gen.aot, one package per batch size (``quantize`` and ``layout`` say how the model was
+    time by llama_gen.fast.aot, one package per batch size (``quantize`` and ``layout`` say how the model was
     prepared, for the child process that rebuilds its structure). ``compile_seconds`` records those first calls
     (compilation plus one step) apart from steady-state decoding.
     """
 
-    def __init__(self, model: Transformer, compile: bool = True, mode: Optional[str] = None,
-                 options: Optional[dict] = None, aot: bool = False, quantize: Optional[str] = None,
-                 layout: str = "plain"):
+    def __init__(
+        self,
+        model: Transformer,
+        compile: bool = True,
+        mode: str | None = None,
+        options: dict | None = None,
+        aot: bool = False,
+        quantize: str | None = None,
+        layout: str = "plain",
+    ):
         self.model = model
         device = model.norm.weight.device
         self.mask = causal_mask(model.args.max_seq_len, device)
@@ -185,13 +194,14 @@ class FastForward:
             self.step = self.torch_compiled_step(mode, options)
         self.compile_seconds: dict[tuple[int, int], float] = {}  # graph_key(batch size, window) -> first call
 
-    def torch_compiled_step(self, mode: Optional[str], options: Optional[dict]) -> Callable[..., torch.Tensor]:
+    def torch_compiled_step(self, mode: str | None, options: dict | None) -> Callable[..., torch.Tensor]:
         """Returns decode_step compiled with ``torch.compile`` in this process (CUDA graphs by default on GPU)."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         mode = mode or default_compile_mode(self.mask.device)
         self.cuda_graphs = mode == "reduce-overhead"
-        return torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode,
-                             options=options if mode is None else None)
+        return torch.compile(
+            decode_step, fullgraph=True, dynamic=False, mode=mode, options=options if mode is None else None
+        )
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
@@ -213,8 +223,10 @@ class FastForward:
         """
         bsz, seqlen = tokens.shape
         chunk = max(1, PREFILL_ROWS // bsz)
-        logits = [self.model.forward(tokens[:, start: start + chunk], start_pos + start, last_only=last_only)
-                  for start in range(0, seqlen, chunk)]
+        logits = [
+            self.model.forward(tokens[:, start : start + chunk], start_pos + start, last_only=last_only)
+            for start in range(0, seqlen, chunk)
+        ]
         return logits[-1] if last_only else torch.cat(logits, dim=1)
 
     @property
@@ -234,7 +246,7 @@ class FastForward:
         return (bsz, window) if self.static_windows or window == self.model.args.max_seq_len else (bsz, 0)
 
     def _decode(self, tokens: torch.Tensor, pos: int, window: int) -> torch.Tensor:
-        input_pos = self.positions[pos: pos + 1].clone()  # a device tensor: no recompilation per position
+        input_pos = self.positions[pos : pos + 1].clone()  # a device tensor: no recompilation per position
         # A fresh [b, 1] copy: a column of generate's token matrix has a stride that changes with the
         # generation's length, and the compiled step is specialized on strides (it would recompile).
         tokens = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device).copy_(tokens)
@@ -256,7 +268,7 @@ class FastForward:
         return logits.clone() if self.cuda_graphs else logits  # CUDA graphs reuse their output buffer
 
     @torch.inference_mode()
-    def warm_up(self, batch_sizes: tuple[int, ...] = (1,), max_pos: Optional[int] = None) -> float:
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,), max_pos: int | None = None) -> float:
         """Compiles the decode step for these batch sizes and every graph up to max_pos needs; returns seconds.
 
         Writes only cache position 0, which every generation overwrites with its first prompt token.
@@ -276,10 +288,10 @@ class FastForward:
 
 
 def cpu_weight_layout(model: Transformer) -> str:
-    """How the compiled fast path keeps this model's weights: "packed" (oneDNN-packed, llama_gen.packed), "gemv"
-    (plain, compiled into Inductor's own loops, llama_gen.gemv) or "plain" (library kernels).
+    """How the compiled fast path keeps this model's weights: "packed" (oneDNN-packed, llama_gen.fast.packed), "gemv"
+    (plain, compiled into Inductor's own loops, llama_gen.fast.gemv) or "plain" (library kernels).
 
-    One layout is chosen at load time, from the dtype, the largest batch and the CPU (llama_gen.cpu), as
+    One layout is chosen at load time, from the dtype, the largest batch and the CPU (llama_gen.fast.cpu), as
     measured (benchmarks/RESULTS.md). bf16 where the CPU has native bf16 matmuls: gemv up to
     gemv.NATIVE_BF16_MAX_ROWS rows, packed for larger batches (oneDNN's kernel on plain weights repacks each
     weight on every call); without them, gemv. float32 on Intel CPUs stays plain at batch 1 (MKL's
@@ -296,7 +308,7 @@ def cpu_weight_layout(model: Transformer) -> str:
     return "gemv" if model.args.max_batch_size <= MAX_ROWS else "packed"
 
 
-def apply_layout(model: Transformer, quantize: Optional[str], layout: str) -> None:
+def apply_layout(model: Transformer, quantize: str | None, layout: str) -> None:
     """Applies the load-time weight changes in place: int8 weights (each float weight's pages dropped as it is
     replaced), fused projections, then the CPU weight layout ("packed", "gemv" or "plain")."""
     quantize_model(model, quantize)
@@ -308,16 +320,16 @@ def apply_layout(model: Transformer, quantize: Optional[str], layout: str) -> No
 
 
 def uses_aot(model: Transformer) -> bool:
-    """True when the compiled step is built ahead of time (llama_gen.aot): on CPU, unless ``LLAMA_GEN_AOT=0``."""
+    """True when the compiled step is built ahead of time (llama_gen.fast.aot): on CPU, unless ``LLAMA_GEN_AOT=0``."""
     return model.norm.weight.device.type == "cpu" and aot_enabled()
 
 
-def prepare(model: Transformer, compile: bool = False, quantize: Optional[str] = None) -> Optional[FastForward]:
+def prepare(model: Transformer, compile: bool = False, quantize: str | None = None) -> FastForward | None:
     """Applies the load-time speed-ups in place and returns the forward to decode with (None: plain eager).
 
     Without model parallel: apply_layout with cpu_weight_layout's choice (with ``compile``; on CPU the weights
-    then move onto huge pages, llama_gen.memory.move_to_huge_pages), then the static-shape decode step,
-    compiled on first use with ``compile``: ahead of time in a child process on CPU (llama_gen.aot), else
+    then move onto huge pages, llama_gen.fast.memory.move_to_huge_pages), then the static-shape decode step,
+    compiled on first use with ``compile``: ahead of time in a child process on CPU (llama_gen.fast.aot), else
     ``torch.compile``.
     """
     if not (compile or quantize):

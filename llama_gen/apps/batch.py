@@ -25,14 +25,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from llama_gen import parallel
-from llama_gen.cli import friendly_errors
+from llama_gen.apps.cli import friendly_errors
 
 SETTINGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_gen_len", "stop", "seed")
 KNOWN_KEYS = {"id", "prompt", "dialog", *SETTINGS}
@@ -42,8 +42,8 @@ KNOWN_KEYS = {"id", "prompt", "dialog", *SETTINGS}
 class Record:
     id: Any  # as given in the input (an int line number for .txt)
     line: int
-    prompt: Optional[str] = None
-    dialog: Optional[list] = None
+    prompt: str | None = None
+    dialog: list | None = None
     settings: dict = field(default_factory=dict)
     n_tokens: int = 0
 
@@ -59,9 +59,10 @@ class Record:
 
 # ---- reading the input ------------------------------------------------------------------------------
 
-def _check_setting(name: str, value: Any) -> Optional[str]:
+
+def _check_setting(name: str, value: Any) -> str | None:
     """Returns what is wrong with one per-record setting, or None if it is fine."""
-    from llama_gen.generation import LIBRARY_DEFAULTS
+    from llama_gen.options import LIBRARY_DEFAULTS
     from llama_gen.sampling import SamplingParams
 
     if name in LIBRARY_DEFAULTS:
@@ -70,7 +71,7 @@ def _check_setting(name: str, value: Any) -> Optional[str]:
         except ValueError as e:
             return str(e)
     elif name in ("max_gen_len", "seed"):
-        low = 0 if name == "max_gen_len" else -(2 ** 63)
+        low = 0 if name == "max_gen_len" else -(2**63)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             return f"{name} must be an integer{' >= 0' if name == 'max_gen_len' else ''}, got {value!r}"
     elif name == "stop":
@@ -96,7 +97,7 @@ def parse_jsonl_line(text: str, line: int, unknown: set) -> Record:
     if "prompt" in obj and not isinstance(obj["prompt"], str):
         raise ValueError(f"prompt must be a string, got {type(obj['prompt']).__name__}")
     if "dialog" in obj and (not isinstance(obj["dialog"], list) or not obj["dialog"]):
-        raise ValueError("dialog must be a non-empty list of {\"role\": ..., \"content\": ...} messages")
+        raise ValueError('dialog must be a non-empty list of {"role": ..., "content": ...} messages')
     settings = {k: obj[k] for k in SETTINGS if k in obj and obj[k] is not None}
     for name, value in settings.items():
         problem = _check_setting(name, value)
@@ -147,6 +148,7 @@ def check_duplicates(records: list[Record], path: Path) -> None:
 
 
 # ---- the output file ----------------------------------------------------------------------------------
+
 
 def read_output(path: Path, repair: bool) -> dict[str, dict]:
     """Returns {id key: record} of a JSONL output; a torn last line (from a kill) is dropped, and with repair
@@ -229,7 +231,8 @@ def lock_output(output: Path):
 
 # ---- batching ----------------------------------------------------------------------------------------
 
-def encode_records(llama, records: list[Record], chat_format: Optional[str]) -> list[tuple[int, str]]:
+
+def encode_records(llama, records: list[Record], chat_format: str | None) -> list[tuple[int, str]]:
     """Fills each record's n_tokens; returns (line, reason) for records the model cannot take (they are removed)."""
     max_seq_len = llama.model.args.max_seq_len
     bad, keep = [], []
@@ -261,11 +264,11 @@ def make_batches(records: list[Record], defaults: dict, max_batch_size: int) -> 
     batches = []
     for settings, group in groups.values():
         group.sort(key=lambda r: (r.n_tokens, r.line))
-        batches += [(settings, group[i: i + max_batch_size]) for i in range(0, len(group), max_batch_size)]
+        batches += [(settings, group[i : i + max_batch_size]) for i in range(0, len(group), max_batch_size)]
     return batches
 
 
-def run_batch(llama, settings: dict, batch: list[Record], chat_format: Optional[str], logprobs: bool) -> list[dict]:
+def run_batch(llama, settings: dict, batch: list[Record], chat_format: str | None, logprobs: bool) -> list[dict]:
     """Returns the output records of one batch."""
     kw = {k: v for k, v in settings.items() if k != "kind"}
     if settings["kind"] == "prompt":
@@ -276,8 +279,13 @@ def run_batch(llama, settings: dict, batch: list[Record], chat_format: Optional[
         texts = [p["generation"]["content"] for p in preds]
     out = []
     for r, p, text in zip(batch, preds, texts):
-        obj = {"id": r.id, "generation": text, "finish_reason": p["finish_reason"],
-               "prompt_tokens": p["prompt_tokens"], "completion_tokens": p["completion_tokens"]}
+        obj = {
+            "id": r.id,
+            "generation": text,
+            "finish_reason": p["finish_reason"],
+            "prompt_tokens": p["prompt_tokens"],
+            "completion_tokens": p["completion_tokens"],
+        }
         if logprobs:
             obj.update(tokens=p["tokens"], logprobs=p["logprobs"])
         out.append(obj)
@@ -285,6 +293,7 @@ def run_batch(llama, settings: dict, batch: list[Record], chat_format: Optional[
 
 
 # ---- distributed helpers ----------------------------------------------------------------------------
+
 
 def data_parallel() -> tuple[int, int, bool]:
     """Returns (replica index, number of replicas, whether this rank writes its replica's results)."""
@@ -326,8 +335,9 @@ def check_flags(max_seq_len: int, max_batch_size: int, defaults: dict) -> None:
             raise ValueError(f"--{problem}")
 
 
-def complete_share(llama, batches: list[tuple[dict, list[Record]]], out: Path, main_file,
-                   chat_format: Optional[str], logprobs: bool) -> tuple[int, int]:
+def complete_share(
+    llama, batches: list[tuple[dict, list[Record]]], out: Path, main_file, chat_format: str | None, logprobs: bool
+) -> tuple[int, int]:
     """Runs this replica's share of the batches (round-robin), appending each batch's lines as it finishes;
     returns (prompts written, prompts whose batch failed)."""
     dp_rank, dp_world, writer = data_parallel()
@@ -338,15 +348,24 @@ def complete_share(llama, batches: list[tuple[dict, list[Record]]], out: Path, m
         sink = main_file if dp_world == 1 else open(target, "a", encoding="utf-8")
     written = failed = n_tokens = 0
     start = time.time()
-    bar = tqdm(total=sum(len(b) for _, b in mine), desc="complete" if dp_world == 1 else f"replica 0/{dp_world}",
-               unit="prompt", file=sys.stderr, disable=global_rank() != 0, dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(len(b) for _, b in mine),
+        desc="complete" if dp_world == 1 else f"replica 0/{dp_world}",
+        unit="prompt",
+        file=sys.stderr,
+        disable=global_rank() != 0,
+        dynamic_ncols=True,
+    )
     for settings, batch in mine:
         try:
             objs = run_batch(llama, settings, batch, chat_format, logprobs)
         except KeyboardInterrupt:
             bar.close()
-            print(f"interrupted after {written} prompts (all written to {target}); rerun the same command "
-                  "to finish the rest", file=sys.stderr)
+            print(
+                f"interrupted after {written} prompts (all written to {target}); rerun the same command "
+                "to finish the rest",
+                file=sys.stderr,
+            )
             sys.exit(130)
         except Exception as e:  # noqa: BLE001 - report and go on; a rerun retries these ids
             if parallel.model_parallel_world_size() > 1:
@@ -378,25 +397,25 @@ def sum_over_writers(written: int, failed: int) -> tuple[int, int]:
 @friendly_errors
 def main(
     prompts: str,
-    output: Optional[str] = None,
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
+    output: str | None = None,
+    ckpt_dir: str | None = None,
+    tokenizer_path: str | None = None,
     max_seq_len: int = 2048,
     max_batch_size: int = 8,
-    max_gen_len: Optional[int] = None,
-    temperature: Optional[float] = None,
-    top_p: Optional[float] = None,
-    top_k: Optional[int] = None,
-    min_p: Optional[float] = None,
-    repetition_penalty: Optional[float] = None,
-    stop: Optional[Any] = None,
+    max_gen_len: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    stop: Any | None = None,
     seed: int = 1,
-    chat_format: Optional[str] = None,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-    model_parallel_size: Optional[int] = None,
+    chat_format: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    model_parallel_size: int | None = None,
     compile: bool = False,
-    quantize: Optional[str] = None,
+    quantize: str | None = None,
     logprobs: bool = False,
     strict: bool = False,
 ) -> None:
@@ -408,15 +427,23 @@ def main(
     Exits with status 1 when a batch failed (rerun to retry it).
     """
     from llama_gen.chat_format import get_chat_format
-    from llama_gen.generation import Llama, default_device
-    from llama_gen.quantize import check_quantization
+    from llama_gen.devices import default_device
+    from llama_gen.fast.quantize import check_quantization
+    from llama_gen.generation import Llama
 
     path = Path(str(prompts))
     out = Path(str(output)) if output is not None else path.with_name(path.stem + ".out.jsonl")
     if out.resolve() == path.resolve():
         raise ValueError(f"--output {out} would overwrite the prompt file")
-    defaults = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                    repetition_penalty=repetition_penalty, max_gen_len=max_gen_len, stop=stop)
+    defaults = dict(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        max_gen_len=max_gen_len,
+        stop=stop,
+    )
     defaults = {k: ([v] if k == "stop" and isinstance(v, str) else v) for k, v in defaults.items() if v is not None}
     check_flags(max_seq_len, max_batch_size, defaults)
     check_quantization(quantize)
@@ -441,10 +468,19 @@ def main(
     start = time.time()
     written = failed = 0
     if pending:
-        llama = Llama.build(ckpt_dir=None if ckpt_dir is None else str(ckpt_dir), tokenizer_path=tokenizer_path,
-                            max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                            model_parallel_size=model_parallel_size, seed=seed, device=dev, dtype=dtype,
-                            chat_format=chat_format, compile=compile, quantize=quantize)
+        llama = Llama.build(
+            ckpt_dir=None if ckpt_dir is None else str(ckpt_dir),
+            tokenizer_path=tokenizer_path,
+            max_seq_len=max_seq_len,
+            max_batch_size=max_batch_size,
+            model_parallel_size=model_parallel_size,
+            seed=seed,
+            device=dev,
+            dtype=dtype,
+            chat_format=chat_format,
+            compile=compile,
+            quantize=quantize,
+        )
         more_bad = encode_records(llama, pending, chat_format)
         if strict and more_bad:
             report(path, more_bad)
@@ -454,15 +490,19 @@ def main(
     if unknown and rank == 0:
         print(f"{path}: ignored unknown fields {sorted(unknown)}", file=sys.stderr)
     if pending:
-        written, failed = complete_share(llama, make_batches(pending, defaults, max_batch_size), out, lock,
-                                         chat_format, logprobs)
+        written, failed = complete_share(
+            llama, make_batches(pending, defaults, max_batch_size), out, lock, chat_format, logprobs
+        )
     written, failed = sum_over_writers(written, failed)
     if rank == 0:
         merge_parts(out)
         sort_output(out, [r.key for r in records])
         lock.close()
-        print(f"{path}: {written} done, {n_already} already done, {len(bad)} skipped (malformed), "
-              f"{failed} failed -> {out} ({time.time() - start:.1f} s)", file=sys.stderr)
+        print(
+            f"{path}: {written} done, {n_already} already done, {len(bad)} skipped (malformed), "
+            f"{failed} failed -> {out} ({time.time() - start:.1f} s)",
+            file=sys.stderr,
+        )
     parallel.shutdown_distributed()
     if failed:
         sys.exit(1)

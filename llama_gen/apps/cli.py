@@ -13,17 +13,18 @@ import functools
 import importlib
 import os
 import sys
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import fire
 
 # name -> (module, function); the function is looked up when the command runs.
 COMMANDS = {
-    "chat": ("llama_gen.chat_app", "main"),
-    "complete": ("llama_gen.batch", "main"),
-    "info": ("llama_gen.info", "main"),
-    "convert": ("llama_gen.cli", "convert"),
-    "reshard": ("llama_gen.reshard", None),
+    "chat": ("llama_gen.apps.chat", "main"),
+    "complete": ("llama_gen.apps.batch", "main"),
+    "info": ("llama_gen.apps.info", "main"),
+    "convert": ("llama_gen.apps.cli", "convert"),
+    "reshard": ("llama_gen.convert.reshard", None),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
@@ -50,10 +51,11 @@ def friendly_errors(fn: Callable) -> Callable:
 
 
 @friendly_errors
-def convert(src: Optional[str] = None, out_dir: Optional[str] = None, dtype: str = "float32") -> None:
+def convert(src: str | None = None, out_dir: str | None = None, dtype: str = "float32") -> None:
     """Converts a GGUF file or Hugging Face directory into a checkpoint directory (no SRC: the default model);
     prints the directory and returns None."""
-    from llama_gen.convert import convert as convert_checkpoint, ensure_default_model
+    from llama_gen.convert import convert as convert_checkpoint
+    from llama_gen.convert import ensure_default_model
 
     if src is None:
         print(ensure_default_model(out_dir))
@@ -71,9 +73,10 @@ def load_command(name: str) -> Callable:
     except ModuleNotFoundError as e:
         if e.name != module_name:
             raise
-        raise SystemExit(f"error: `llama-gen {name}` is not available in this install ({module_name} is missing)") \
-            from None
-    for candidate in ([attr] if attr else ["main", name]):
+        raise SystemExit(
+            f"error: `llama-gen {name}` is not available in this install ({module_name} is missing)"
+        ) from None
+    for candidate in [attr] if attr else ["main", name]:
         if callable(getattr(module, candidate, None)):
             return getattr(module, candidate)
     raise SystemExit(f"error: {module_name} has no main() for `llama-gen {name}`")
@@ -84,7 +87,7 @@ def usage() -> str:
     return (__doc__ or "").strip() + "\n\nRun `llama-gen COMMAND --help` for a command's flags.\n"
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Runs the subcommand named by argv[0] (default: sys.argv[1:]) with fire; returns None."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -3,15 +3,35 @@
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from llama_gen.checkpoint import SHARD_NAME, open_shards, read_params, shard_state, validate_parallel
+from llama_gen.checkpoint import SHARD_NAME, local_weight, open_shards, read_params, validate_parallel
 from llama_gen.model import ModelArgs
 
 SKIPPED_FILES = ("checklist.chk",)  # Meta's md5 list of the old shards: stale after resharding
+
+
+def shard_state(
+    parts: list[dict[str, torch.Tensor]],
+    args: ModelArgs,
+    n_shards: int,
+    rank: int,
+    on_tensor: Callable[[], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Returns shard ``rank`` of ``n_shards`` as compact tensors ready for torch.save, from N source shards.
+
+    on_tensor (e.g. a progress bar's update) is called after each tensor.
+    """
+    state = {}
+    for name in parts[0]:
+        state[name] = local_weight(name, [p[name] for p in parts], args, n_shards, rank).clone()
+        if on_tensor is not None:
+            on_tensor()
+    return state
 
 
 def reshard(ckpt_dir: str, out_dir: str, shards: int, overwrite: bool = False) -> Path:
@@ -39,8 +59,9 @@ def reshard(ckpt_dir: str, out_dir: str, shards: int, overwrite: bool = False) -
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier, killed run of this process id
     tmp.mkdir()
     try:
-        with tqdm(total=shards * len(sources[0]), desc=f"resharding {src.name} into {shards}", unit="tensor",
-                  file=sys.stderr) as bar:
+        with tqdm(
+            total=shards * len(sources[0]), desc=f"resharding {src.name} into {shards}", unit="tensor", file=sys.stderr
+        ) as bar:
             for rank in range(shards):
                 state = shard_state(sources, args, shards, rank, on_tensor=lambda: bar.update())
                 torch.save(state, tmp / f"consolidated.{rank:02d}.pth")

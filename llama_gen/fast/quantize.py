@@ -3,9 +3,9 @@
 Each weight row ``w[n, :]`` is stored as int8 ``q[n, :]`` with one scale ``s[n] = max|w[n, :]| / 127``, so
 ``w ≈ q * s[:, None]``. Activations keep the model's dtype. Matmuls use PyTorch's own kernels: on CPU
 ``torch.ops.aten._weight_int8pack_mm`` (fed bf16 activations: its float32 variant is not vectorized) for the few
-rows of a decode step (for one row in compiled code, Inductor's own loops instead: llama_gen.gemv, ~2x faster on
+rows of a decode step (for one row in compiled code, Inductor's own loops instead: llama_gen.fast.gemv, ~2x faster on
 AVX2), and for prompts (many rows) the int8 weight converted to bf16 once and bf16's matmul, or float32's on a
-CPU without native bf16 matmuls (llama_gen.cpu) (measured ~9x faster at 512 rows with bf16, ~2x with float32:
+CPU without native bf16 matmuls (llama_gen.fast.cpu) (measured ~9x faster at 512 rows with bf16, ~2x with float32:
 the int8 kernel's cost grows with every row); elsewhere
 ``F.linear(x, q.to(x.dtype)) * s`` (the gpt-fast formulation, which ``torch.compile`` fuses into one kernel).
 Weights are quantized one at a time and the float weight's memory-mapped pages are dropped right after, so
@@ -13,19 +13,19 @@ the float and int8 models never coexist in memory.
 """
 
 import sys
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_gen.cpu import matmul_dtype
-from llama_gen.gemv import INT8_MAX_ROWS, loop_int8_linear, uses_loops
-from llama_gen.memory import replace_modules
+from llama_gen.fast.cpu import matmul_dtype
+from llama_gen.fast.gemv import INT8_MAX_ROWS, loop_int8_linear, uses_loops
+from llama_gen.fast.memory import replace_modules
 from llama_gen.model import Transformer
 
 QUANTIZATIONS = ("int8",)
 DEQUANTIZE_MIN_ROWS = 16  # CPU: from this many rows on, a matmul on the converted weight beats the int8 kernel
+
 
 def quantize_rows(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (int8 weight, float32 per-row scales) with ``weight ≈ q * scales[:, None]`` (symmetric).
@@ -35,10 +35,10 @@ def quantize_rows(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.T
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for start in range(0, weight.shape[0], chunk_rows):
-        w = weight[start: start + chunk_rows].detach().float()
+        w = weight[start : start + chunk_rows].detach().float()
         s = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        q[start: start + chunk_rows] = torch.round(w / s[:, None]).clamp_(-128, 127)
-        scales[start: start + chunk_rows] = s
+        q[start : start + chunk_rows] = torch.round(w / s[:, None]).clamp_(-128, 127)
+        scales[start : start + chunk_rows] = s
     return q, scales
 
 
@@ -99,26 +99,28 @@ class Int8Embedding(nn.Module):
         return rows * F.embedding(tokens, self.scales[:, None])
 
 
-def quantize_int8(model: Transformer, dtype: Optional[torch.dtype] = None) -> Transformer:
+def quantize_int8(model: Transformer, dtype: torch.dtype | None = None) -> Transformer:
     """Replaces every plain ``nn.Linear`` and ``nn.Embedding`` by its int8 version (in place); returns the model.
 
     ``dtype`` is the activation dtype the scales are stored in (default: the norm weights' dtype). Norm
     weights, rotary table and KV cache are untouched.
     """
     dtype = dtype or model.norm.weight.dtype
-    replace_modules(model, lambda m: type(m) in (nn.Linear, nn.Embedding),
-                    lambda m: (Int8Linear.from_linear(m, dtype) if type(m) is nn.Linear
-                               else Int8Embedding.from_embedding(m, dtype)))
+    replace_modules(
+        model,
+        lambda m: type(m) in (nn.Linear, nn.Embedding),
+        lambda m: Int8Linear.from_linear(m, dtype) if type(m) is nn.Linear else Int8Embedding.from_embedding(m, dtype),
+    )
     return model
 
 
-def check_quantization(method: Optional[str]) -> None:
+def check_quantization(method: str | None) -> None:
     """Raises ValueError unless method is None or a known quantization name."""
     if method is not None and method not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {method!r}: use one of {', '.join(QUANTIZATIONS)} (or none)")
 
 
-def quantize(model: Transformer, method: Optional[str]) -> Transformer:
+def quantize(model: Transformer, method: str | None) -> Transformer:
     """Applies a quantization by name ("int8"), or nothing for None; returns the model."""
     if method is None:
         return model

@@ -29,10 +29,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CHECKPOINT_FILES = ("params.json", "consolidated.00.pth", "generation_config.json")
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
 HF_TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
 )
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_OUT_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m-instruct"
+DEFAULT_OUT_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "smollm2-135m-instruct"
 
 # Per-layer tensors: Meta name suffix -> (Hugging Face suffix, GGUF suffix).
 LAYER_TENSORS = {
@@ -404,7 +408,9 @@ def gguf_params(meta: dict[str, Any], rope_freqs: np.ndarray | None, src: Path) 
         "ffn_dim_multiplier": multiplier,
         "norm_eps": float(get("attention.layer_norm_rms_epsilon")),
         "rope_theta": theta,
-        "rope_scaling": None if rope_freqs is None else llama3_scaling_from_factors(
+        "rope_scaling": None
+        if rope_freqs is None
+        else llama3_scaling_from_factors(
             rope_freqs, head_dim, theta, meta.get("llama.rope.scaling.original_context_length"), src
         ),
     }
@@ -438,8 +444,12 @@ def llama3_scaling_from_factors(
         candidates += [round(float(c)) for c in wavelen[band] * (low + smooth * (high - low))]
     candidates += [8192] + [2**k for k in range(6, 21)]
     for context in candidates:
-        scaling = {"factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-                   "original_max_position_embeddings": int(context)}
+        scaling = {
+            "factor": factor,
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": int(context),
+        }
         if factors.shape == wavelen.shape and np.allclose(
             llama3_rope_factors(head_dim, theta, scaling), factors, rtol=1e-5, atol=1e-6
         ):
@@ -546,17 +556,21 @@ def gguf_tokenizer(meta: dict[str, Any], src: Path) -> tuple[Any, dict[str, Any]
     pre = meta.get("tokenizer.ggml.pre")
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
     if pre in DIGITS_THEN_GPT2:
-        pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=True),
-        ])
+        pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=True),
+            ]
+        )
     elif pre in GPT2_REGEX:
         pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=True)
     elif pre in LLAMA3_REGEX:
-        pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=False),
-        ])
+        pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=False),
+            ]
+        )
     else:
         raise NotImplementedError(f"{src}: pre-tokenizer tokenizer.ggml.pre = {pre!r} is not supported")
 
@@ -567,8 +581,16 @@ def gguf_tokenizer(meta: dict[str, Any], src: Path) -> tuple[Any, dict[str, Any]
     # A few GGUFs store tokens as raw text rather than in the byte alphabet; respell those.
     vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or ()]
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                     end_of_word_suffix="", fuse_unk=False))
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.ByteLevel()
 
@@ -576,18 +598,27 @@ def gguf_tokenizer(meta: dict[str, Any], src: Path) -> tuple[Any, dict[str, Any]
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
         return None if i is None or not 0 <= i < len(tokens) else tokens[i]
 
-    named = {name: token(key) for name, key in
-             (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"), ("unk_token", "unknown"))}
+    named = {
+        name: token(key)
+        for name, key in (
+            ("bos_token", "bos"),
+            ("eos_token", "eos"),
+            ("pad_token", "padding"),
+            ("unk_token", "unknown"),
+        )
+    }
     # Tokens typed CONTROL that use characters outside the byte alphabet are llama.cpp mislabels; skip them.
     special = [t for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet]
     special += [t for t in named.values() if t is not None and t not in special]
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
-    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False)
-                          for t, ty in zip(tokens, types) if ty == 4 and t in vocab])
+    tokenizer.add_tokens(
+        [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4 and t in vocab]
+    )
 
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and named["bos_token"] is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and named["eos_token"] is not None
     if add_bos or add_eos:
+
         def template(seq: str, type_id: int) -> str:
             parts = [named["bos_token"]] * add_bos + [f"${seq}"] + [named["eos_token"]] * add_eos
             return " ".join(f"{part}:{type_id}" for part in parts)

@@ -9,7 +9,7 @@ Two facts differ between the x86 machines we run on, and each flips a choice (me
   on other vendors MKL takes a generic code path and the packed kernel is ~1.7x faster.
 
 Where neither library kernel reads weights at memory speed, the compiled step uses Inductor's own loops
-(llama_gen.gemv); llama_gen.fast.cpu_weight_layout makes the choice.
+(llama_gen.fast.gemv); llama_gen.fast.step.cpu_weight_layout makes the choice.
 """
 
 import functools
@@ -17,11 +17,7 @@ import platform
 
 import torch
 
-
-@functools.cache
-def has_native_bf16_matmul() -> bool:
-    """True when oneDNN runs bf16 matmuls natively on this CPU (and can pack bf16 weights)."""
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+from llama_gen.devices import has_native_bf16_matmul
 
 
 @functools.cache

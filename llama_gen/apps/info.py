@@ -7,12 +7,11 @@ No weights are loaded; the tokenizer is read only when params.json says vocab_si
 
 import json
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 
+from llama_gen.apps.cli import friendly_errors
 from llama_gen.checkpoint import kv_replication, read_params
-from llama_gen.cli import friendly_errors
 from llama_gen.model import ModelArgs
 
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}  # bytes per parameter, scales not counted
@@ -34,7 +33,7 @@ def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int, model_parallel_size: i
     return 2 * args.n_layers * heads * args.head_dim * dtype_bytes
 
 
-def available_memory(device: torch.device) -> tuple[Optional[int], str]:
+def available_memory(device: torch.device) -> tuple[int | None, str]:
     """Returns (bytes free on device or None if unknown, where the number comes from)."""
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -53,7 +52,7 @@ def available_memory(device: torch.device) -> tuple[Optional[int], str]:
     return None, f"no memory query for {device.type}"
 
 
-def read_vocab_size(params: dict, ckpt_dir: Path, tokenizer_path: Optional[str]) -> int:
+def read_vocab_size(params: dict, ckpt_dir: Path, tokenizer_path: str | None) -> int:
     """Returns params' vocab_size, or the tokenizer's size when params.json says -1."""
     vocab = params.get("vocab_size", -1)
     if vocab == -1:
@@ -63,14 +62,23 @@ def read_vocab_size(params: dict, ckpt_dir: Path, tokenizer_path: Optional[str])
     return vocab
 
 
-def model_info(ckpt_dir: Union[str, Path, None] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 2048,
-               max_batch_size: int = 4, device: Optional[str] = None, dtype: Optional[str] = None,
-               model_parallel_size: int = 1) -> dict:
+def model_info(
+    ckpt_dir: str | Path | None = None,
+    tokenizer_path: str | None = None,
+    max_seq_len: int = 2048,
+    max_batch_size: int = 4,
+    device: str | None = None,
+    dtype: str | None = None,
+    model_parallel_size: int = 1,
+) -> dict:
     """Returns a dict of sizes (bytes) for a checkpoint, run settings and device, and whether they fit."""
-    from llama_gen.generation import default_device, resolve_dtype
+    from llama_gen.devices import default_device, resolve_dtype
 
-    for name, value, low in (("max_seq_len", max_seq_len, 2), ("max_batch_size", max_batch_size, 1),
-                             ("model_parallel_size", model_parallel_size, 1)):
+    for name, value, low in (
+        ("max_seq_len", max_seq_len, 2),
+        ("max_batch_size", max_batch_size, 1),
+        ("model_parallel_size", model_parallel_size, 1),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if ckpt_dir is None:
@@ -94,18 +102,33 @@ def model_info(ckpt_dir: Union[str, Path, None] = None, tokenizer_path: Optional
     need = weights[run_dtype] // mp + kv_total
     free, source = available_memory(dev)
     return {
-        "ckpt_dir": str(ckpt_dir), "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
-        "n_kv_heads": args.kv_heads, "head_dim": args.head_dim, "ffn_hidden_dim": args.ffn_hidden_dim,
-        "vocab_size": args.vocab_size, "parameters": n_params, "weight_bytes": weights,
-        "max_seq_len": max_seq_len, "max_batch_size": max_batch_size, "model_parallel_size": mp,
-        "device": str(dev), "dtype": run_dtype, "kv_cache_bytes_per_token": kv_token,
-        "kv_cache_bytes": kv_total, "prefill_logits_bytes": logits, "needed_bytes_per_rank": need,
-        "available_bytes": free, "memory_source": source, "fits": None if free is None else need <= free,
+        "ckpt_dir": str(ckpt_dir),
+        "dim": args.dim,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "n_kv_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "ffn_hidden_dim": args.ffn_hidden_dim,
+        "vocab_size": args.vocab_size,
+        "parameters": n_params,
+        "weight_bytes": weights,
+        "max_seq_len": max_seq_len,
+        "max_batch_size": max_batch_size,
+        "model_parallel_size": mp,
+        "device": str(dev),
+        "dtype": run_dtype,
+        "kv_cache_bytes_per_token": kv_token,
+        "kv_cache_bytes": kv_total,
+        "prefill_logits_bytes": logits,
+        "needed_bytes_per_rank": need,
+        "available_bytes": free,
+        "memory_source": source,
+        "fits": None if free is None else need <= free,
         "fits_with_prefill_logits": None if free is None else need + logits <= free,
     }
 
 
-def human(n: Optional[float]) -> str:
+def human(n: float | None) -> str:
     """Returns n bytes as a short human-readable string (KiB, MiB, GiB)."""
     if n is None:
         return "unknown"
@@ -126,7 +149,8 @@ def format_info(info: dict) -> str:
         f"n_kv_heads={info['n_kv_heads']} head_dim={info['head_dim']} ffn={info['ffn_hidden_dim']} "
         f"vocab={info['vocab_size']}",
         f"parameters     {info['parameters']:,} ({info['parameters'] / 1e9:.3f} B)",
-        "weights        " + "  ".join(f"{k} {human(info['weight_bytes'][k])}" for k in WEIGHT_BYTES)
+        "weights        "
+        + "  ".join(f"{k} {human(info['weight_bytes'][k])}" for k in WEIGHT_BYTES)
         + "  (int8/int4: weights only, no scales)",
         f"KV cache       {human(info['kv_cache_bytes'])}{per_rank} for max_seq_len={info['max_seq_len']} x "
         f"max_batch_size={info['max_batch_size']} "
@@ -140,18 +164,33 @@ def format_info(info: dict) -> str:
         lines.append("fits           unknown (no memory figure for this device)")
     elif info["fits"]:
         share = 100 * info["needed_bytes_per_rank"] / info["available_bytes"]
-        lines.append(f"fits           yes ({share:.0f}% of available)" + ("" if info["fits_with_prefill_logits"] else
-                     "; but not with the logits of a full-length prefill: lower --max_batch_size"))
+        lines.append(
+            f"fits           yes ({share:.0f}% of available)"
+            + (
+                ""
+                if info["fits_with_prefill_logits"]
+                else "; but not with the logits of a full-length prefill: lower --max_batch_size"
+            )
+        )
     else:
-        lines.append("fits           NO: lower --max_seq_len or --max_batch_size, use --dtype bf16, "
-                     "or split the model with --model_parallel_size")
+        lines.append(
+            "fits           NO: lower --max_seq_len or --max_batch_size, use --dtype bf16, "
+            "or split the model with --model_parallel_size"
+        )
     return "\n".join(lines)
 
 
 @friendly_errors
-def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 2048,
-         max_batch_size: int = 4, device: Optional[str] = None, dtype: Optional[str] = None,
-         model_parallel_size: int = 1, json_output: bool = False) -> None:
+def main(
+    ckpt_dir: str | None = None,
+    tokenizer_path: str | None = None,
+    max_seq_len: int = 2048,
+    max_batch_size: int = 4,
+    device: str | None = None,
+    dtype: str | None = None,
+    model_parallel_size: int = 1,
+    json_output: bool = False,
+) -> None:
     """Prints parameter count, weight memory per dtype, KV-cache size and whether weights + KV cache fit the
     device's free memory (CUDA: mem_get_info, CPU: MemAvailable); returns None.
 

@@ -1,0 +1,1 @@
+"""The programs: interactive chat, batch completion, sizing, and the ``llama-gen`` command."""

@@ -1,0 +1,154 @@
+"""The generation loop, in the reference's shape: prompts padded into one ``torch.full`` token matrix, a prefill of
+the shortest prompt, then one decode step per position (sample, keep prompt tokens, stop), with text tracked as
+it goes so streaming and non-streaming calls run this same loop.
+"""
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llama_gen.sampling import SamplingParams, sample_next_token
+from llama_gen.stopping import SequenceText
+from llama_gen.tokenizer import Tokenizer
+
+PAD = -1  # fills the token matrix; never a real id, so prompts may contain the tokenizer's pad token
+# forward(tokens [b, s], start_pos, last_only) -> float32 logits [b, s or 1, vocab], filling the KV cache
+Forward = Callable[..., torch.Tensor]
+
+
+@dataclass
+class StreamChunk:
+    """New text of one sequence after one decoding step; finish_reason is set on its last chunk."""
+
+    index: int  # position of the prompt/dialog in the caller's list
+    text: str
+    finish_reason: str | None = None
+    n_tokens: int = 0  # tokens generated for this sequence so far (what the output keeps)
+
+
+@dataclass
+class Result:
+    """One finished generation: its tokens (with the prompt when echoed), logprobs, text and counts."""
+
+    tokens: list[int]
+    logprobs: list[float] | None
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Settings:
+    """What the loop needs of a request, resolved: sampling, limits, stops and how to report."""
+
+    params: SamplingParams
+    max_gen_len: int
+    eos_ids: list[int]
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[tuple[int, ...], ...]
+    logprobs: bool
+    echo: bool
+    generator: torch.Generator | None
+    track_text: bool
+
+
+class PaddedBatch:
+    """Up to max_batch_size prompts decoded together in one padded token matrix, as Meta's ``generate`` does."""
+
+    def __init__(
+        self,
+        forward: Forward,
+        tokenizer: Tokenizer,
+        prompts: list[list[int]],
+        settings: Settings,
+        max_seq_len: int,
+        device: torch.device,
+        first_index: int = 0,
+    ):
+        self.forward, self.settings, self.prompts, self.first_index = forward, settings, prompts, first_index
+        self.prompt_lens = [len(p) for p in prompts]
+        self.limits = [min(n + settings.max_gen_len, max_seq_len) for n in self.prompt_lens]
+        with torch.inference_mode():
+            self.tokens = torch.full((len(prompts), max(self.limits)), PAD, dtype=torch.long, device=device)
+            for i, prompt in enumerate(prompts):
+                self.tokens[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+            self.is_prompt = self.tokens != PAD
+            self.token_logprobs = torch.zeros(self.tokens.shape, device=device) if settings.logprobs else None
+        self.seqs = [
+            SequenceText(tokenizer, settings.eos_ids, settings.stop, settings.stop_token_ids, settings.track_text)
+            for _ in prompts
+        ]
+        for seq, n, limit in zip(self.seqs, self.prompt_lens, self.limits):
+            if limit <= n:
+                seq.close("length")  # no room to generate anything
+
+    def steps(self) -> Iterator[list[StreamChunk]]:
+        """Runs the loop: prefill, then decode steps until every sequence has stopped; yields each step's news."""
+        start, total = min(self.prompt_lens), self.tokens.shape[1]
+        if start == total and self.settings.logprobs:
+            self.score_prompts()
+        prev_pos = 0
+        for cur_pos in range(start, total):
+            if all(seq.finished for seq in self.seqs):
+                break
+            with torch.inference_mode():  # not held across the yield: it would leak into the caller's code
+                next_token = self.decode_step(prev_pos, cur_pos)
+            prev_pos = cur_pos
+            chunks = self.record(next_token.tolist(), cur_pos)
+            if chunks:
+                yield chunks
+
+    def decode_step(self, prev_pos: int, cur_pos: int) -> torch.Tensor:
+        """Runs the model on tokens[prev_pos:cur_pos] (the prefill when prev_pos is 0), samples column cur_pos
+        (prompt tokens win) and returns it."""
+        logprobs = self.token_logprobs is not None
+        # Only the logits it must: every position just for logprobs (a 512-token prompt's are ~100 MB).
+        logits = self.forward(self.tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
+        s = self.settings
+        sampled = sample_next_token(
+            logits[:, -1], s.params, token_ids=self.tokens[:, :cur_pos], pad_id=PAD, generator=s.generator
+        )
+        next_token = torch.where(self.is_prompt[:, cur_pos], self.tokens[:, cur_pos], sampled)
+        self.tokens[:, cur_pos] = next_token
+        if logprobs:
+            self.token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+                logits.transpose(1, 2), self.tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none", ignore_index=PAD
+            )
+        return next_token
+
+    def score_prompts(self) -> None:
+        """Logprobs of prompts that leave no room to generate (the reference's echo-only case)."""
+        with torch.inference_mode():
+            logits = self.forward(self.tokens, 0)
+            self.token_logprobs[:, 1:] = -F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), self.tokens[:, 1:], reduction="none", ignore_index=PAD
+            )
+
+    def record(self, next_token: list[int], cur_pos: int) -> list[StreamChunk]:
+        """Feeds each generating sequence its new token (stop checks, detokenize); returns the news."""
+        chunks = []
+        for i, (seq, token) in enumerate(zip(self.seqs, next_token)):
+            if seq.finished or cur_pos < self.prompt_lens[i]:
+                continue
+            seq.push(token)
+            if not seq.finished and cur_pos + 1 >= self.limits[i]:
+                seq.close("length")
+            delta = seq.delta() if self.settings.track_text else ""
+            if delta or seq.finished:
+                chunks.append(StreamChunk(self.first_index + i, delta, seq.finish_reason, len(seq.tokens)))
+        return chunks
+
+    def results(self) -> list[Result]:
+        """Returns one Result per prompt (call after steps() is exhausted)."""
+        results = []
+        for i, seq in enumerate(self.seqs):
+            seq.close("length")
+            n = self.prompt_lens[i]
+            start = 0 if self.settings.echo else n
+            tokens = (list(self.prompts[i]) if self.settings.echo else []) + seq.tokens
+            logprobs = self.token_logprobs[i, start : n + len(seq.tokens)].tolist() if self.settings.logprobs else None
+            results.append(Result(tokens, logprobs, seq.text, seq.finish_reason, n, len(seq.tokens)))
+        return results
