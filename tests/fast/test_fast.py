@@ -10,11 +10,13 @@ import torch
 from conftest import LLAMA2_TOKENIZER, TINY_CONFIGS
 from test_engine import PROMPTS, build, stepwise_logits
 
-from llama_gen import Llama, fast
-from llama_gen import quantize as int8_quantize
+from llama_gen import Llama
+from llama_gen.fast import step as fast
+from llama_gen.fast import quantize as int8_quantize
 from llama_gen.fast.cpu import has_native_bf16_matmul
 from llama_gen.fast.gemv import INT8_MAX_ROWS, GemvLinear, use_gemv_linears
-from llama_gen.fast.memory import HUGE_PAGE, convert_weights, move_to_huge_pages, release_pages
+from llama_gen.checkpoint import convert_weights, release_pages
+from llama_gen.fast.memory import HUGE_PAGE, move_to_huge_pages
 from llama_gen.fast.packed import PackedLinear, can_pack, pack_linears
 from llama_gen.fast.quantize import Int8Linear, quantize_rows
 from llama_gen.fast.step import FastForward, attention_window, cpu_weight_layout, fuse_projections
@@ -375,7 +377,7 @@ def test_compiled_step_reaches_the_end_of_the_cache(tiny_checkpoints):
 
 
 def test_failed_ahead_of_time_build_falls_back_to_torch_compile(tiny_checkpoints, monkeypatch):
-    from llama_gen import aot
+    from llama_gen.fast import aot
 
     def failing_build(spec):
         raise aot.AotBuildError("building the decode step ahead of time failed (exit 1)")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import LLAMA2_TOKENIZER, REPO
 
-from llama_gen import batch
+from llama_gen.apps import batch
 from llama_gen.apps.batch import Record, make_batches, merge_parts, read_output, read_prompts
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import LLAMA2_TOKENIZER, REPO, TINY_CONFIGS
 
-from llama_gen import Llama, cli
+from llama_gen import Llama
+from llama_gen.apps import cli
 from llama_gen.apps.info import format_info, human, model_info
 
 

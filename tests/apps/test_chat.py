@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import LLAMA2_TOKENIZER, REPO
 
-from llama_gen import chat_app
+from llama_gen.apps import chat as chat_app
 from llama_gen.apps.chat import ChatSession, StopOnInterrupt, chat_loop
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

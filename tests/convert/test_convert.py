@@ -20,7 +20,7 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q
 from tokenizers import Tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,
