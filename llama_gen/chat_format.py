@@ -68,7 +68,8 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
 class Llama2ChatFormat(ChatFormat):
-    """Meta's Llama 2 chat_completion template: "<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>..."."""
+    """Meta's Llama 2 chat_completion template:
+    "<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>..."."""
 
     name = "llama2"
     special_tags = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
@@ -97,7 +98,8 @@ class Llama2ChatFormat(ChatFormat):
 
 
 class Llama3ChatFormat(ChatFormat):
-    """Meta's Llama 3 ChatFormat: <|begin_of_text|> then <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|> per message."""
+    """Meta's Llama 3 ChatFormat: <|begin_of_text|>, then per message
+    <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>."""
 
     name = "llama3"
     special_tags = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>")

@@ -5,16 +5,20 @@ checkpoint saved with N shards runs on M model-parallel ranks for any N, M where
 when M exceeds the number of KV heads, each KV head is replicated so every rank holds whole heads.
 """
 
+import contextlib
 import ctypes
 import functools
 import json
 import mmap
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from llama_gen.model import ModelArgs
+from llama_gen import parallel
+from llama_gen.model import ModelArgs, Transformer
+from llama_gen.tokenizer import Tokenizer
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (file-backed pages are simply dropped)
 
@@ -263,3 +267,57 @@ def convert_weights(
         del source
     release_freed_memory()
     return converted
+
+
+def read_generation_config(ckpt_dir: Path) -> dict:
+    """Returns the checkpoint's ``generation_config.json`` (empty if absent)."""
+    path = Path(ckpt_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_model(
+    ckpt_dir: Path, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype, **sizes: int
+) -> Transformer:
+    """Returns the model of a checkpoint directory, this rank's shard of it, on device in dtype (eval mode);
+    ``sizes``: max_seq_len and max_batch_size."""
+    mp_size = parallel.model_parallel_world_size()
+    params = read_params(ckpt_dir)
+    if params.get("vocab_size", -1) == -1:
+        params["vocab_size"] = tokenizer.n_words
+    if tokenizer.n_words != params["vocab_size"]:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.n_words} tokens but {ckpt_dir / 'params.json'} says "
+            f"vocab_size={params['vocab_size']}: use the tokenizer the model was trained with"
+        )
+    args = ModelArgs.from_params(params, **sizes)
+    validate_parallel(args, mp_size)
+    state = load_state_dict(ckpt_dir, args, mp_size, parallel.model_parallel_rank())
+    args.n_kv_heads = args.kv_heads * kv_replication(args.kv_heads, mp_size)
+    model = build_model(args)
+    check_shapes({k: v.shape for k, v in model.state_dict().items()}, state, ckpt_dir, args)
+    model.load_state_dict(convert_weights(state, dtype, device), strict=True, assign=True)
+    return model.to(device).eval()  # moves the buffers that are not in the checkpoint
+
+
+def build_model(args: ModelArgs) -> Transformer:
+    """Returns the model on the meta device (no weights allocated, fairscale layers included under model
+    parallel); load real weights with ``load_state_dict(..., assign=True)``."""
+    with torch.device("meta"), _no_random_init():
+        return Transformer(args)
+
+
+@contextlib.contextmanager
+def _no_random_init() -> Iterator[None]:
+    """Builds nn.Linear and nn.Embedding without their random init. The checkpoint replaces those weights, and
+    on the meta device the init functions import torch._dynamo (74 MiB resident) for nothing."""
+    saved = {cls: cls.reset_parameters for cls in (torch.nn.Linear, torch.nn.Embedding)}
+    for cls in saved:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, reset in saved.items():
+            cls.reset_parameters = reset

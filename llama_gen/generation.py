@@ -5,8 +5,6 @@ controls, stop strings, per-call seeds, batching beyond ``max_batch_size`` and e
 takes ``options=GenerationOptions(...)``; the reference's arguments override its fields.
 """
 
-import contextlib
-import json
 import os
 import sys
 import time
@@ -18,19 +16,17 @@ import torch
 
 from llama_gen import parallel
 from llama_gen.chat_format import ChatFormat, ChatMLFormat, Dialog, Message, default_chat_format, get_chat_format
-from llama_gen.checkpoint import (
-    check_shapes,
-    convert_weights,
-    kv_replication,
-    load_state_dict,
-    read_params,
-    validate_parallel,
-)
+from llama_gen.checkpoint import load_model, read_generation_config
 from llama_gen.devices import resolve_device, resolve_dtype, warn_if_slow
 from llama_gen.loop import Forward, PaddedBatch, Result, Settings, StreamChunk
-from llama_gen.model import ModelArgs, Transformer
+from llama_gen.model import Transformer
 from llama_gen.options import GenerationOptions
 from llama_gen.tokenizer import Tokenizer, load_tokenizer
+
+# The reference's positional arguments of each call, in its order (Meta's llama/generation.py).
+GENERATE_ARGS = ("max_gen_len", "temperature", "top_p", "logprobs", "echo")
+COMPLETION_ARGS = ("temperature", "top_p", "max_gen_len", "logprobs", "echo")
+CHAT_ARGS = ("temperature", "top_p", "max_gen_len", "logprobs")
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -89,9 +85,10 @@ class Llama:
         mp_size = parallel.init_distributed(model_parallel_size, device)
         torch.manual_seed(seed)  # every rank must sample the same tokens
         tokenizer = load_tokenizer(tokenizer_path or ckpt_dir)
-        model = load_model(ckpt_dir, tokenizer, max_seq_len, max_batch_size, mp_size, device, dtype)
+        model = load_model(ckpt_dir, tokenizer, device, dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        config = read_generation_config(ckpt_dir)
         llama = Llama.from_model(
-            model, tokenizer, read_generation_config(ckpt_dir), chat_format, compile=compile, quantize=quantize
+            model, tokenizer, compile=compile, quantize=quantize, generation_config=config, chat_format=chat_format
         )
         if int(os.environ.get("RANK", "0")) == 0:
             print(
@@ -101,24 +98,19 @@ class Llama:
 
     @classmethod
     def from_model(
-        cls,
-        model: Transformer,
-        tokenizer: Tokenizer,
-        generation_config: dict | None = None,
-        chat_format: str | None = None,
-        *,
-        compile: bool = False,
-        quantize: str | None = None,
+        cls, model: Transformer, tokenizer: Tokenizer, *, compile: bool = False, quantize: str | None = None, **kw: Any
     ) -> "Llama":
-        """Returns a generator around a loaded model. ``compile`` / ``quantize`` first prepare it in place for the
-        fast path (llama_gen.fast.prepare: fused projections, CPU weight layout, int8, a compiled decode step)."""
+        """Returns a generator around a loaded model (``kw``: generation_config, chat_format, as for ``Llama()``).
+
+        ``compile`` / ``quantize`` first prepare the model in place for the fast path (llama_gen.fast.prepare:
+        fused projections, CPU weight layout, int8, a compiled decode step)."""
         forward = None
         if compile or quantize:
             from llama_gen.fast import prepare  # the lazy hook into the optional fast path
 
             forward = prepare(model, compile=compile, quantize=quantize)  # allocates the caches it needs
         model.ensure_caches()  # unless prepare() has: allocated once either way
-        return cls(model, tokenizer, generation_config, chat_format, forward=forward)
+        return cls(model, tokenizer, forward=forward, **kw)
 
     def __init__(
         self,
@@ -142,103 +134,63 @@ class Llama:
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
-    # ---- the reference API ----------------------------------------------------------------------------
+    # ---- the reference API: Meta's positional arguments, or any GenerationOptions field by keyword -------------
     def generate(
-        self,
-        prompt_tokens: list[list[int]],
-        max_gen_len: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        logprobs: bool = False,
-        echo: bool = False,
-        *,
-        options: GenerationOptions | None = None,
-        **more: Any,
+        self, prompt_tokens: list[list[int]], *args: Any, options: GenerationOptions | None = None, **more: Any
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Returns (generated token ids per prompt, their logprobs or None), as Meta's reference does.
 
-        Each output stops before the first EOS (or stop token sequence); with echo it starts with the prompt.
-        ``more``: any other GenerationOptions field (top_k, min_p, repetition_penalty, stop_token_ids, seed).
+        Positional arguments as the reference's: max_gen_len, temperature, top_p, logprobs, echo. Keywords: any
+        GenerationOptions field (top_k, min_p, repetition_penalty, stop_token_ids, seed, ...). Each output stops
+        before the first EOS (or stop token sequence); with echo it starts with the prompt.
         """
-        opts = GenerationOptions.merge(
-            options, more, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=logprobs, echo=echo
-        )
+        opts = GenerationOptions.from_call(options, GENERATE_ARGS, args, more)
         results = self._run(prompt_tokens, self._settings(opts, track_text=False))
         return [r.tokens for r in results], ([r.logprobs for r in results] if opts.logprobs else None)
 
     def text_completion(
-        self,
-        prompts: list[str],
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_gen_len: int | None = None,
-        logprobs: bool = False,
-        echo: bool = False,
-        *,
-        options: GenerationOptions | None = None,
-        **more: Any,
+        self, prompts: list[str], *args: Any, options: GenerationOptions | None = None, **more: Any
     ) -> list[CompletionPrediction]:
         """Returns one completion per prompt: its text, finish reason, token counts, and (with logprobs) tokens
-        and logprobs. ``more``: any other GenerationOptions field (top_k, min_p, stop, seed, ...)."""
-        opts = GenerationOptions.merge(
-            options, more, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=logprobs, echo=echo
-        )
+        and logprobs. Positional arguments: temperature, top_p, max_gen_len, logprobs, echo; keywords: any
+        GenerationOptions field (top_k, min_p, stop, seed, ...)."""
+        opts = GenerationOptions.from_call(options, COMPLETION_ARGS, args, more)
         results = self._run(self.encode_prompts(prompts), self._settings(opts))
         return [self._prediction((p if opts.echo else "") + r.text, r, opts) for p, r in zip(prompts, results)]
 
     def chat_completion(
-        self,
-        dialogs: list[Dialog],
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_gen_len: int | None = None,
-        logprobs: bool = False,
-        *,
-        chat_format: str | None = None,
-        options: GenerationOptions | None = None,
-        **more: Any,
+        self, dialogs: list[Dialog], *args: Any, chat_format: str | None = None, **more: Any
     ) -> list[ChatPrediction]:
-        """Returns the assistant's reply to each dialog, in the checkpoint's chat format unless overridden."""
-        opts = GenerationOptions.merge(
-            options, more, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=logprobs
-        )
+        """Returns the assistant's reply to each dialog, in the checkpoint's chat format unless chat_format names
+        another. Positional arguments: temperature, top_p, max_gen_len, logprobs; keywords: ``options`` or any
+        GenerationOptions field."""
+        opts = GenerationOptions.from_call(more.pop("options", None), CHAT_ARGS, args, more)
         prompt_tokens, fmt = self.encode_dialogs(dialogs, chat_format)
         results = self._run(prompt_tokens, self._settings(opts, fmt.stop_ids(self.tokenizer)))
         return [self._prediction({"role": "assistant", "content": r.text}, r, opts) for r in results]
 
-    # ---- streaming ------------------------------------------------------------------------------------
+    # ---- streaming: the same loop, its news handed out after every step ---------------------------------------
     def stream_text_completion(
-        self,
-        prompts: list[str],
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_gen_len: int | None = None,
-        *,
-        options: GenerationOptions | None = None,
-        **more: Any,
+        self, prompts: list[str], options: GenerationOptions | None = None, **more: Any
     ) -> Iterator[list[StreamChunk]]:
         """Yields, after each decoding step, the new text of each prompt that has some (and its finish reason).
 
         Validates everything first (raising before any compute). A plain generator: stop iterating and the
         computation stops. Concatenating a prompt's chunks gives exactly the text text_completion returns.
         """
-        opts = GenerationOptions.merge(options, more, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        opts = GenerationOptions.merge(options, more)
         return self._stream(self.encode_prompts(prompts), self._settings(opts))
 
     def stream_chat_completion(
         self,
         dialogs: list[Dialog],
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_gen_len: int | None = None,
-        *,
-        chat_format: str | None = None,
         options: GenerationOptions | None = None,
+        chat_format: str | None = None,
         **more: Any,
     ) -> Iterator[list[StreamChunk]]:
         """Yields, after each decoding step, the new reply text of each dialog (see stream_text_completion)."""
-        opts = GenerationOptions.merge(options, more, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
         prompt_tokens, fmt = self.encode_dialogs(dialogs, chat_format)
+        opts = GenerationOptions.merge(options, more)
         return self._stream(prompt_tokens, self._settings(opts, fmt.stop_ids(self.tokenizer)))
 
     # ---- prompts --------------------------------------------------------------------------------------
@@ -283,34 +235,15 @@ class Llama:
         if max_gen_len is None:
             max_gen_len = self.generation_config.get("max_new_tokens") or self.model.args.max_seq_len - 1
         generator = torch.Generator(device=self.device).manual_seed(opts.seed) if opts.seed is not None else None
-        return Settings(
-            opts.sampling(self.generation_config),
-            max_gen_len,
-            list(dict.fromkeys([*self.eos_ids, *chat_stop_ids])),
-            opts.stop,
-            opts.stop_token_ids,
-            opts.logprobs,
-            opts.echo,
-            generator,
-            track_text,
-        )
+        eos_ids = list(dict.fromkeys([*self.eos_ids, *chat_stop_ids]))
+        return Settings(opts, opts.sampling(self.generation_config), max_gen_len, eos_ids, generator, track_text)
 
     def _batches(self, prompt_tokens: Sequence[Sequence[int]], settings: Settings) -> Iterator[PaddedBatch]:
         """Yields the prompts in groups of max_batch_size, each made a PaddedBatch when its turn comes."""
         self._check_prompt_tokens(prompt_tokens)
         size = self.model.args.max_batch_size
-        return (
-            PaddedBatch(
-                self.forward,
-                self.tokenizer,
-                [list(t) for t in prompt_tokens[i : i + size]],
-                settings,
-                self.model.args.max_seq_len,
-                self.device,
-                first_index=i,
-            )
-            for i in range(0, len(prompt_tokens), size)
-        )
+        groups = [(i, [list(t) for t in prompt_tokens[i : i + size]]) for i in range(0, len(prompt_tokens), size)]
+        return (PaddedBatch(self, prompts, settings, first_index=i) for i, prompts in groups)
 
     def _stream(self, prompt_tokens: Sequence[Sequence[int]], settings: Settings) -> Iterator[list[StreamChunk]]:
         batches = self._batches(prompt_tokens, settings)  # validated now, before the caller iterates
@@ -361,61 +294,3 @@ def default_checkpoint() -> Path:
     from llama_gen.convert import ensure_default_model  # the lazy hook into the optional conversion layer
 
     return Path(ensure_default_model())
-
-
-def read_generation_config(ckpt_dir: Path) -> dict:
-    """Returns the checkpoint's ``generation_config.json`` (empty if absent)."""
-    path = Path(ckpt_dir) / "generation_config.json"
-    if not path.is_file():
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_model(
-    ckpt_dir: Path,
-    tokenizer: Tokenizer,
-    max_seq_len: int,
-    max_batch_size: int,
-    mp_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> Transformer:
-    """Returns the model of a checkpoint directory, this rank's shard of it, on device in dtype (eval mode)."""
-    params = read_params(ckpt_dir)
-    if params.get("vocab_size", -1) == -1:
-        params["vocab_size"] = tokenizer.n_words
-    if tokenizer.n_words != params["vocab_size"]:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.n_words} tokens but {ckpt_dir / 'params.json'} says "
-            f"vocab_size={params['vocab_size']}: use the tokenizer the model was trained with"
-        )
-    args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    validate_parallel(args, mp_size)
-    state = load_state_dict(ckpt_dir, args, mp_size, parallel.model_parallel_rank())
-    args.n_kv_heads = args.kv_heads * kv_replication(args.kv_heads, mp_size)
-    model = build_model(args)
-    check_shapes({k: v.shape for k, v in model.state_dict().items()}, state, ckpt_dir, args)
-    model.load_state_dict(convert_weights(state, dtype, device), strict=True, assign=True)
-    return model.to(device).eval()  # moves the buffers that are not in the checkpoint
-
-
-def build_model(args: ModelArgs, mp_size: int = 1) -> Transformer:
-    """Returns the model on the meta device (no weights allocated, fairscale layers included under model
-    parallel); load real weights with ``load_state_dict(..., assign=True)``."""
-    with torch.device("meta"), _no_random_init():
-        return Transformer(args)
-
-
-@contextlib.contextmanager
-def _no_random_init() -> Iterator[None]:
-    """Builds nn.Linear and nn.Embedding without their random init. The checkpoint replaces those weights, and
-    on the meta device the init functions import torch._dynamo (74 MiB resident) for nothing."""
-    saved = {cls: cls.reset_parameters for cls in (torch.nn.Linear, torch.nn.Embedding)}
-    for cls in saved:
-        cls.reset_parameters = lambda self: None
-    try:
-        yield
-    finally:
-        for cls, reset in saved.items():
-            cls.reset_parameters = reset

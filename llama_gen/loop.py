@@ -5,13 +5,14 @@ it goes so streaming and non-streaming calls run this same loop.
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from llama_gen.options import GenerationOptions
 from llama_gen.sampling import SamplingParams, sample_next_token
 from llama_gen.stopping import SequenceText
-from llama_gen.tokenizer import Tokenizer
 
 PAD = -1  # fills the token matrix; never a real id, so prompts may contain the tokenizer's pad token
 # forward(tokens [b, s], start_pos, last_only) -> float32 logits [b, s or 1, vocab], filling the KV cache
@@ -42,15 +43,12 @@ class Result:
 
 @dataclass
 class Settings:
-    """What the loop needs of a request, resolved: sampling, limits, stops and how to report."""
+    """What the loop needs of a request: its options, resolved against the checkpoint and the model."""
 
+    options: GenerationOptions
     params: SamplingParams
     max_gen_len: int
     eos_ids: list[int]
-    stop: tuple[str, ...]
-    stop_token_ids: tuple[tuple[int, ...], ...]
-    logprobs: bool
-    echo: bool
     generator: torch.Generator | None
     track_text: bool
 
@@ -58,29 +56,20 @@ class Settings:
 class PaddedBatch:
     """Up to max_batch_size prompts decoded together in one padded token matrix, as Meta's ``generate`` does."""
 
-    def __init__(
-        self,
-        forward: Forward,
-        tokenizer: Tokenizer,
-        prompts: list[list[int]],
-        settings: Settings,
-        max_seq_len: int,
-        device: torch.device,
-        first_index: int = 0,
-    ):
-        self.forward, self.settings, self.prompts, self.first_index = forward, settings, prompts, first_index
+    def __init__(self, llama: Any, prompts: list[list[int]], settings: Settings, first_index: int = 0):
+        """llama: what runs the model (a llama_gen.Llama: its forward, tokenizer, device and window)."""
+        self.forward, self.settings, self.prompts, self.first_index = llama.forward, settings, prompts, first_index
+        self.logprobs, self.echo = settings.options.logprobs, settings.options.echo
         self.prompt_lens = [len(p) for p in prompts]
-        self.limits = [min(n + settings.max_gen_len, max_seq_len) for n in self.prompt_lens]
+        self.limits = [min(n + settings.max_gen_len, llama.model.args.max_seq_len) for n in self.prompt_lens]
         with torch.inference_mode():
-            self.tokens = torch.full((len(prompts), max(self.limits)), PAD, dtype=torch.long, device=device)
+            self.tokens = torch.full((len(prompts), max(self.limits)), PAD, dtype=torch.long, device=llama.device)
             for i, prompt in enumerate(prompts):
-                self.tokens[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+                self.tokens[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=llama.device)
             self.is_prompt = self.tokens != PAD
-            self.token_logprobs = torch.zeros(self.tokens.shape, device=device) if settings.logprobs else None
-        self.seqs = [
-            SequenceText(tokenizer, settings.eos_ids, settings.stop, settings.stop_token_ids, settings.track_text)
-            for _ in prompts
-        ]
+            self.token_logprobs = torch.zeros(self.tokens.shape, device=llama.device) if self.logprobs else None
+        stops = (settings.eos_ids, settings.options.stop, settings.options.stop_token_ids, settings.track_text)
+        self.seqs = [SequenceText(llama.tokenizer, *stops) for _ in prompts]
         for seq, n, limit in zip(self.seqs, self.prompt_lens, self.limits):
             if limit <= n:
                 seq.close("length")  # no room to generate anything
@@ -88,7 +77,7 @@ class PaddedBatch:
     def steps(self) -> Iterator[list[StreamChunk]]:
         """Runs the loop: prefill, then decode steps until every sequence has stopped; yields each step's news."""
         start, total = min(self.prompt_lens), self.tokens.shape[1]
-        if start == total and self.settings.logprobs:
+        if start == total and self.logprobs:
             self.score_prompts()
         prev_pos = 0
         for cur_pos in range(start, total):
@@ -147,8 +136,8 @@ class PaddedBatch:
         for i, seq in enumerate(self.seqs):
             seq.close("length")
             n = self.prompt_lens[i]
-            start = 0 if self.settings.echo else n
-            tokens = (list(self.prompts[i]) if self.settings.echo else []) + seq.tokens
-            logprobs = self.token_logprobs[i, start : n + len(seq.tokens)].tolist() if self.settings.logprobs else None
+            start = 0 if self.echo else n
+            tokens = (list(self.prompts[i]) if self.echo else []) + seq.tokens
+            logprobs = self.token_logprobs[i, start : n + len(seq.tokens)].tolist() if self.logprobs else None
             results.append(Result(tokens, logprobs, seq.text, seq.finish_reason, n, len(seq.tokens)))
         return results

@@ -62,6 +62,20 @@ class GenerationOptions:
         changes = {k: v for k, v in given.items() if v is not None and v is not False}
         return dataclasses.replace(options or cls(), **changes) if changes or options is None else options
 
+    @classmethod
+    def from_call(
+        cls, options: "GenerationOptions | None", names: Sequence[str], args: Sequence, more: dict
+    ) -> "GenerationOptions":
+        """Returns the options of a reference-style call: ``args`` are the fields ``names`` in order, ``more`` the
+        keywords; both override ``options``."""
+        if len(args) > len(names):
+            raise TypeError(f"at most {len(names)} positional options ({', '.join(names)}), got {len(args)}")
+        given = dict(zip(names, args))
+        twice = sorted(given.keys() & more.keys())
+        if twice:
+            raise TypeError(f"got multiple values for {', '.join(twice)} (positionally and by keyword)")
+        return cls.merge(options, {**given, **more})
+
     def sampling(self, config: Mapping) -> SamplingParams:
         """Returns the sampling settings: these options, else the checkpoint's ``config``, else the library's."""
         values = {}

@@ -97,7 +97,10 @@ LLAMA3_SPECIAL_TOKENS = (
     "<|reserved_special_token_4|> <|eot_id|>"
 ).split() + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
 
-LLAMA3_PAT_STR = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 
 # tiktoken raises (or takes quadratic time) on very long inputs and very long runs without whitespace.
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
@@ -183,7 +186,8 @@ class HFTokenizer(Tokenizer):
 
     bos/eos/pad ids come from the arguments when given, else from the tokenizer_config.json next to the
     file (keys bos_token, eos_token, pad_token; no bos when add_bos_token is false), else stay undefined:
-    bos_id=-1 (encode(bos=True) adds nothing), eos_ids=[], pad_id=-1. encode never adds the tokenizer.json post-processor's own specials.
+    bos_id=-1 (encode(bos=True) adds nothing), eos_ids=[], pad_id=-1. encode never adds the tokenizer.json
+    post-processor's own specials.
     """
 
     kind = "hf"
@@ -256,7 +260,8 @@ class HFTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Returns the tokenizer stored at path: a directory, a tokenizer.json, or a tokenizer.model (sentencepiece or tiktoken)."""
+    """Returns the tokenizer stored at path: a directory, a tokenizer.json, or a tokenizer.model (sentencepiece
+    or tiktoken)."""
     path = Path(path)
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):

@@ -111,22 +111,24 @@ class CountingForward:
 
 
 BAD_CALLS = {
-    "prompt too long": (lambda l: l.generate([[1] * 200], max_gen_len=4), "200 tokens but max_seq_len is 128"),
-    "negative temperature": (lambda l: l.text_completion(["hi"], temperature=-0.1), "temperature"),
-    "top_p zero": (lambda l: l.text_completion(["hi"], top_p=0.0), "top_p"),
-    "top_p above one": (lambda l: l.text_completion(["hi"], top_p=1.5), "top_p"),
-    "single string": (lambda l: l.text_completion("hi"), "list"),
+    "prompt too long": (lambda llama: llama.generate([[1] * 200], max_gen_len=4), "200 tokens but max_seq_len is 128"),
+    "negative temperature": (lambda llama: llama.text_completion(["hi"], temperature=-0.1), "temperature"),
+    "top_p zero": (lambda llama: llama.text_completion(["hi"], top_p=0.0), "top_p"),
+    "top_p above one": (lambda llama: llama.text_completion(["hi"], top_p=1.5), "top_p"),
+    "single string": (lambda llama: llama.text_completion("hi"), "list"),
     "not alternating": (
-        lambda l: l.chat_completion([[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]]),
+        lambda llama: llama.chat_completion([[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]]),
         "alternate",
     ),
     "ends with assistant": (
-        lambda l: l.chat_completion([[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]]),
+        lambda llama: llama.chat_completion(
+            [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]]
+        ),
         "user",
     ),
-    "special tag": (lambda l: l.chat_completion([[{"role": "user", "content": "[INST] hi"}]]), "[INST]"),
-    "sys tag": (lambda l: l.chat_completion([[{"role": "user", "content": "<<SYS>> x"}]]), "<<SYS>>"),
-    "empty prompt tokens": (lambda l: l.generate([[]], max_gen_len=4), "empty"),
+    "special tag": (lambda llama: llama.chat_completion([[{"role": "user", "content": "[INST] hi"}]]), "[INST]"),
+    "sys tag": (lambda llama: llama.chat_completion([[{"role": "user", "content": "<<SYS>> x"}]]), "<<SYS>>"),
+    "empty prompt tokens": (lambda llama: llama.generate([[]], max_gen_len=4), "empty"),
 }
 
 
