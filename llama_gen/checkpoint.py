@@ -23,13 +23,9 @@ from llama_gen.tokenizer import Tokenizer
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (file-backed pages are simply dropped)
 
 # Which dimension each weight is split along across model-parallel ranks (None: replicated).
-COLUMN_PARALLEL = (
-    "attention.wq.weight",
-    "attention.wk.weight",
-    "attention.wv.weight",
-    "feed_forward.w1.weight",
-    "feed_forward.w3.weight",
-    "output.weight",
+COLUMN_PARALLEL = tuple(
+    "attention.wq.weight attention.wk.weight attention.wv.weight feed_forward.w1.weight feed_forward.w3.weight "
+    "output.weight".split()
 )
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
 KV_WEIGHTS = ("attention.wk.weight", "attention.wv.weight")
@@ -56,8 +52,7 @@ def read_params(ckpt_dir: Path) -> dict:
             f"{path} not found: a checkpoint directory needs params.json and consolidated.XX.pth shards "
             f"(convert a GGUF file or Hugging Face directory with `python scripts/convert.py SRC OUT_DIR`)"
         )
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def find_shards(ckpt_dir: Path) -> list[Path]:
@@ -272,10 +267,7 @@ def convert_weights(
 def read_generation_config(ckpt_dir: Path) -> dict:
     """Returns the checkpoint's ``generation_config.json`` (empty if absent)."""
     path = Path(ckpt_dir) / "generation_config.json"
-    if not path.is_file():
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_model(

@@ -19,20 +19,15 @@ SHORT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 def default_device() -> torch.device:
     """Returns cuda if available, then mps, else cpu."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """Returns bf16 on GPUs that support it (fp16 on other GPUs), fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
+    """Returns bf16 on GPUs that support it (fp16 on other GPUs and mps), fp32 on CPU."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

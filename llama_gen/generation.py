@@ -144,7 +144,7 @@ class Llama:
         GenerationOptions field (top_k, min_p, repetition_penalty, stop_token_ids, seed, ...). Each output stops
         before the first EOS (or stop token sequence); with echo it starts with the prompt.
         """
-        opts = GenerationOptions.from_call(options, GENERATE_ARGS, args, more)
+        opts = GenerationOptions.from_call(options, more, GENERATE_ARGS, args)
         results = self._run(prompt_tokens, self._settings(opts, track_text=False))
         return [r.tokens for r in results], ([r.logprobs for r in results] if opts.logprobs else None)
 
@@ -154,7 +154,7 @@ class Llama:
         """Returns one completion per prompt: its text, finish reason, token counts, and (with logprobs) tokens
         and logprobs. Positional arguments: temperature, top_p, max_gen_len, logprobs, echo; keywords: any
         GenerationOptions field (top_k, min_p, stop, seed, ...)."""
-        opts = GenerationOptions.from_call(options, COMPLETION_ARGS, args, more)
+        opts = GenerationOptions.from_call(options, more, COMPLETION_ARGS, args)
         results = self._run(self.encode_prompts(prompts), self._settings(opts))
         return [self._prediction((p if opts.echo else "") + r.text, r, opts) for p, r in zip(prompts, results)]
 
@@ -164,7 +164,7 @@ class Llama:
         """Returns the assistant's reply to each dialog, in the checkpoint's chat format unless chat_format names
         another. Positional arguments: temperature, top_p, max_gen_len, logprobs; keywords: ``options`` or any
         GenerationOptions field."""
-        opts = GenerationOptions.from_call(more.pop("options", None), CHAT_ARGS, args, more)
+        opts = GenerationOptions.from_call(more.pop("options", None), more, CHAT_ARGS, args)
         prompt_tokens, fmt = self.encode_dialogs(dialogs, chat_format)
         results = self._run(prompt_tokens, self._settings(opts, fmt.stop_ids(self.tokenizer)))
         return [self._prediction({"role": "assistant", "content": r.text}, r, opts) for r in results]
@@ -178,7 +178,7 @@ class Llama:
         Validates everything first (raising before any compute). A plain generator: stop iterating and the
         computation stops. Concatenating a prompt's chunks gives exactly the text text_completion returns.
         """
-        opts = GenerationOptions.merge(options, more)
+        opts = GenerationOptions.from_call(options, more)
         return self._stream(self.encode_prompts(prompts), self._settings(opts))
 
     def stream_chat_completion(
@@ -190,7 +190,7 @@ class Llama:
     ) -> Iterator[list[StreamChunk]]:
         """Yields, after each decoding step, the new reply text of each dialog (see stream_text_completion)."""
         prompt_tokens, fmt = self.encode_dialogs(dialogs, chat_format)
-        opts = GenerationOptions.merge(options, more)
+        opts = GenerationOptions.from_call(options, more)
         return self._stream(prompt_tokens, self._settings(opts, fmt.stop_ids(self.tokenizer)))
 
     # ---- prompts --------------------------------------------------------------------------------------

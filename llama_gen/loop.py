@@ -75,38 +75,48 @@ class PaddedBatch:
                 seq.close("length")  # no room to generate anything
 
     def steps(self) -> Iterator[list[StreamChunk]]:
-        """Runs the loop: prefill, then decode steps until every sequence has stopped; yields each step's news."""
+        """Runs the loop, yielding each step's news: a prefill of the shortest prompt's length, then one decode
+        step per position (longer prompts' own tokens win over samples) until every sequence has stopped."""
         start, total = min(self.prompt_lens), self.tokens.shape[1]
-        if start == total and self.logprobs:
-            self.score_prompts()
-        prev_pos = 0
+        if start == total:  # no room to generate: only the prompts' logprobs (the reference's echo case)
+            if self.logprobs:
+                self.score_prompts()
+            return
+        next_token = self.prefill(start)
         for cur_pos in range(start, total):
-            if all(seq.finished for seq in self.seqs):
-                break
-            with torch.inference_mode():  # not held across the yield: it would leak into the caller's code
-                next_token = self.decode_step(prev_pos, cur_pos)
-            prev_pos = cur_pos
-            chunks = self.record(next_token.tolist(), cur_pos)
+            chunks = self.record(next_token, cur_pos)
             if chunks:
                 yield chunks
+            if cur_pos + 1 == total or all(seq.finished for seq in self.seqs):
+                return
+            next_token = self.decode_step(cur_pos)
 
-    def decode_step(self, prev_pos: int, cur_pos: int) -> torch.Tensor:
-        """Runs the model on tokens[prev_pos:cur_pos] (the prefill when prev_pos is 0), samples column cur_pos
-        (prompt tokens win) and returns it."""
-        logprobs = self.token_logprobs is not None
-        # Only the logits it must: every position just for logprobs (a 512-token prompt's are ~100 MB).
-        logits = self.forward(self.tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
+    # inference_mode is entered per call, never held across the generator's yield (it would leak into the caller)
+    @torch.inference_mode()
+    def prefill(self, start: int) -> list[int]:
+        """Runs the model over every sequence's first ``start`` tokens; returns the tokens of column ``start``."""
+        logits = self.forward(self.tokens[:, :start], 0, last_only=not self.logprobs)
+        return self.sample(logits, 0, start)
+
+    @torch.inference_mode()
+    def decode_step(self, pos: int) -> list[int]:
+        """Runs the model on column ``pos`` (one token per sequence); returns the tokens of column ``pos + 1``."""
+        logits = self.forward(self.tokens[:, pos : pos + 1], pos, last_only=not self.logprobs)
+        return self.sample(logits, pos, pos + 1)
+
+    def sample(self, logits: torch.Tensor, prev_pos: int, cur_pos: int) -> list[int]:
+        """Fills column cur_pos from the logits of positions prev_pos..cur_pos-1 (prompt tokens win over samples)
+        and scores those positions' next tokens for logprobs; returns the column."""
         s = self.settings
         sampled = sample_next_token(
             logits[:, -1], s.params, token_ids=self.tokens[:, :cur_pos], pad_id=PAD, generator=s.generator
         )
-        next_token = torch.where(self.is_prompt[:, cur_pos], self.tokens[:, cur_pos], sampled)
-        self.tokens[:, cur_pos] = next_token
-        if logprobs:
+        self.tokens[:, cur_pos] = torch.where(self.is_prompt[:, cur_pos], self.tokens[:, cur_pos], sampled)
+        if self.logprobs:  # every position's logits were computed (last_only=False) for this
             self.token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
                 logits.transpose(1, 2), self.tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none", ignore_index=PAD
             )
-        return next_token
+        return self.tokens[:, cur_pos].tolist()
 
     def score_prompts(self) -> None:
         """Logprobs of prompts that leave no room to generate (the reference's echo-only case)."""

@@ -57,12 +57,7 @@ class ModelArgs:
         if self.rope_scaling:
             return self.rope_scaling
         if self.use_scaled_rope:
-            return {
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            }
+            return dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
         return None
 
 

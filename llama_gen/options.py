@@ -47,34 +47,28 @@ class GenerationOptions:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @classmethod
-    def merge(
-        cls, options: "GenerationOptions | None" = None, more: dict | None = None, **given: object
+    def from_call(
+        cls, options: "GenerationOptions | None", more: dict, names: Sequence[str] = (), args: Sequence = ()
     ) -> "GenerationOptions":
-        """Returns options (default: all defaults) with the fields given (here or in ``more``) replaced."""
-        given = {**(more or {}), **given}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(given) - known)
-        if unknown:
-            raise ValueError(f"unknown generation option(s) {', '.join(unknown)}: use {', '.join(sorted(known))}")
+        """Returns ``options`` (default: all defaults) with the fields a call gives replaced: ``more`` by keyword,
+        ``args`` positionally (the fields ``names``, in order, as the reference's calls take them)."""
         if options is not None and not isinstance(options, cls):
             raise ValueError(f"options must be a GenerationOptions, got {type(options).__name__}")
-        # None (and False, the reference's default for logprobs and echo) mean "not given": options' value stays
-        changes = {k: v for k, v in given.items() if v is not None and v is not False}
-        return dataclasses.replace(options or cls(), **changes) if changes or options is None else options
-
-    @classmethod
-    def from_call(
-        cls, options: "GenerationOptions | None", names: Sequence[str], args: Sequence, more: dict
-    ) -> "GenerationOptions":
-        """Returns the options of a reference-style call: ``args`` are the fields ``names`` in order, ``more`` the
-        keywords; both override ``options``."""
         if len(args) > len(names):
             raise TypeError(f"at most {len(names)} positional options ({', '.join(names)}), got {len(args)}")
         given = dict(zip(names, args))
-        twice = sorted(given.keys() & more.keys())
-        if twice:
-            raise TypeError(f"got multiple values for {', '.join(twice)} (positionally and by keyword)")
-        return cls.merge(options, {**given, **more})
+        if given.keys() & more.keys():
+            raise TypeError(f"got multiple values for {', '.join(sorted(given.keys() & more.keys()))}")
+        given.update(more)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(given) - known:
+            raise ValueError(
+                f"unknown generation option(s) {', '.join(sorted(set(given) - known))}: use one of "
+                f"{', '.join(sorted(known))}"
+            )
+        # None (and False, the reference's default for logprobs and echo) mean "not given": options' value stays
+        changes = {k: v for k, v in given.items() if v is not None and v is not False}
+        return dataclasses.replace(options or cls(), **changes) if changes or options is None else options
 
     def sampling(self, config: Mapping) -> SamplingParams:
         """Returns the sampling settings: these options, else the checkpoint's ``config``, else the library's."""

@@ -19,38 +19,32 @@ import torch.distributed as dist
 from torch import nn
 
 
-def _fs_initialized() -> bool:
-    from fairscale.nn.model_parallel import initialize as fs_init
+def _group_info(query: str, default: int) -> int:
+    """Returns fairscale's ``query()`` (e.g. "get_model_parallel_rank"), or default while model parallel is off."""
+    from fairscale.nn.model_parallel import initialize as fs_init  # imported when used: `llama-gen info` starts fast
 
-    return dist.is_available() and dist.is_initialized() and fs_init.model_parallel_is_initialized()
+    on = dist.is_available() and dist.is_initialized() and fs_init.model_parallel_is_initialized()
+    return getattr(fs_init, query)() if on else default
 
 
 def model_parallel_world_size() -> int:
     """Returns the number of model-parallel ranks (1 when fairscale's model parallel is not initialized)."""
-    from fairscale.nn.model_parallel import initialize as fs_init
-
-    return fs_init.get_model_parallel_world_size() if _fs_initialized() else 1
+    return _group_info("get_model_parallel_world_size", 1)
 
 
 def model_parallel_rank() -> int:
     """Returns this process's rank within its model-parallel group (0 without model parallel)."""
-    from fairscale.nn.model_parallel import initialize as fs_init
-
-    return fs_init.get_model_parallel_rank() if _fs_initialized() else 0
+    return _group_info("get_model_parallel_rank", 0)
 
 
 def data_parallel_world_size() -> int:
     """Returns the number of model replicas (WORLD_SIZE / model-parallel size; 1 without distributed)."""
-    from fairscale.nn.model_parallel import initialize as fs_init
-
-    return fs_init.get_data_parallel_world_size() if _fs_initialized() else 1
+    return _group_info("get_data_parallel_world_size", 1)
 
 
 def data_parallel_rank() -> int:
     """Returns which model replica this process belongs to (0 without distributed)."""
-    from fairscale.nn.model_parallel import initialize as fs_init
-
-    return fs_init.get_data_parallel_rank() if _fs_initialized() else 0
+    return _group_info("get_data_parallel_rank", 0)
 
 
 def backend_for(device: torch.device) -> str:

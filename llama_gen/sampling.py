@@ -8,6 +8,7 @@ without host syncs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -29,47 +30,31 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Return None; raise ValueError naming the first field outside its valid range."""
-        _check_temperature(self.temperature)
-        _check_top_p(self.top_p)
-        _check_top_k(self.top_k)
-        _check_min_p(self.min_p)
-        _check_penalty(self.repetition_penalty)
+        for field in dataclasses.fields(self):
+            _check(field.name, getattr(self, field.name))
 
 
-def _is_real(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+# field -> (is the value valid, what a valid value is); a valid value is also a real number, never a bool
+RULES = {
+    "temperature": (lambda t: 0 <= t < math.inf, "a finite number >= 0 (0 means greedy)"),
+    "top_p": (lambda p: 0 < p <= 1, "in (0, 1] (1 disables nucleus filtering)"),
+    "top_k": (lambda k: isinstance(k, numbers.Integral) and k >= 0, "an integer >= 0 (0 disables top-k filtering)"),
+    "min_p": (lambda m: 0 <= m < 1, "in [0, 1) (0 disables min-p filtering)"),
+    "repetition_penalty": (lambda r: 0 < r < math.inf, "a finite number > 0 (1 disables the penalty)"),
+    "positive temperature": (lambda t: 0 < t < math.inf, "a finite number > 0 (for temperature 0 take the argmax)"),
+}
 
 
-def _check_temperature(t: float, allow_zero: bool = True) -> None:
-    if not (_is_real(t) and (0 <= t < math.inf if allow_zero else 0 < t < math.inf)):
-        valid = ">= 0 (0 means greedy)" if allow_zero else "> 0 (for temperature 0 take the argmax)"
-        raise ValueError(f"temperature must be a finite number {valid}, got {t!r}")
-
-
-def _check_top_p(p: float) -> None:
-    if not (_is_real(p) and 0 < p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] (1 disables nucleus filtering), got {p!r}")
-
-
-def _check_top_k(k: int) -> None:
-    if not (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 0):
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables top-k filtering), got {k!r}")
-
-
-def _check_min_p(m: float) -> None:
-    if not (_is_real(m) and 0 <= m < 1):
-        raise ValueError(f"min_p must be in [0, 1) (0 disables min-p filtering), got {m!r}")
-
-
-def _check_penalty(r: float) -> None:
-    if not (_is_real(r) and 0 < r < math.inf):
-        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 disables the penalty), got {r!r}")
+def _check(name: str, value: object) -> None:
+    valid, expected = RULES[name]
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and valid(value)):
+        raise ValueError(f"{name.split()[-1]} must be {expected}, got {value!r}")
 
 
 def apply_temperature(logits: Tensor, temperature: float, check: bool = True) -> Tensor:
     """Return logits / temperature (temperature must be > 0)."""
     if check:
-        _check_temperature(temperature, allow_zero=False)
+        _check("positive temperature", temperature)
     return logits / temperature
 
 
@@ -80,7 +65,7 @@ def top_k_filter(logits: Tensor, k: int, check: bool = True) -> Tensor:
     returns the logits unchanged.
     """
     if check:
-        _check_top_k(k)
+        _check("top_k", k)
     if k == 0 or k >= logits.size(-1):
         return logits
     kth = torch.topk(logits, int(k), dim=-1).values[..., -1:]
@@ -95,7 +80,7 @@ def top_p_filter(logits: Tensor, p: float, check: bool = True) -> Tensor:
     likely token is always kept. p=1 returns the logits unchanged.
     """
     if check:
-        _check_top_p(p)
+        _check("top_p", p)
     if p == 1:
         return logits
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=False)
@@ -114,7 +99,7 @@ def min_p_filter(logits: Tensor, min_p: float, check: bool = True) -> Tensor:
     unchanged.
     """
     if check:
-        _check_min_p(min_p)
+        _check("min_p", min_p)
     if min_p == 0:
         return logits
     probs = logits.float().softmax(dim=-1)
@@ -134,7 +119,7 @@ def apply_repetition_penalty(
     Ids outside [0, vocab) are ignored, like HF ignores ids past the logits' vocab.
     """
     if check:
-        _check_penalty(penalty)
+        _check("repetition_penalty", penalty)
         _check_token_ids(logits, token_ids)
     if penalty == 1:
         return logits
@@ -168,7 +153,7 @@ def sample_top_p(probs: Tensor, p: float, generator: torch.Generator | None = No
     Meta's llama reference algorithm: sort descending, keep each token whose preceding
     mass is <= p, renormalize, draw with torch.multinomial.
     """
-    _check_top_p(p)
+    _check("top_p", p)
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     probs_sort = probs_sort.masked_fill(probs_sum - probs_sort > p, 0.0)

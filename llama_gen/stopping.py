@@ -9,23 +9,13 @@ from collections.abc import Sequence
 from llama_gen.detokenize import IncrementalDecoder
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Returns the length of the longest suffix of text that is a proper prefix of some stop string."""
+def _partial_stop(done: Sequence, stops: Sequence[Sequence]) -> int:
+    """Returns the length of the longest suffix of ``done`` (text, or token ids) that is a proper prefix of one of
+    ``stops`` (stop strings, or stop token sequences): what must be held back, as a stop may be starting."""
     longest = 0
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
-
-
-def _pending_prefix(tokens: list[int], sequences: Sequence[Sequence[int]]) -> int:
-    """Returns the length of the longest suffix of tokens that is a proper prefix of some stop sequence."""
-    longest = 0
-    for seq in sequences:
-        for n in range(min(len(seq) - 1, len(tokens)), longest, -1):
-            if tokens[-n:] == list(seq[:n]):
+        for n in range(min(len(stop) - 1, len(done)), longest, -1):
+            if list(done[len(done) - n :]) == list(stop[:n]):
                 longest = n
                 break
     return longest
@@ -67,7 +57,7 @@ class SequenceText:
             if self.pending[-len(seq) :] == seq:
                 self._accept(self.pending[: len(self.pending) - len(seq)])
                 return self._finish("stop")
-        keep = _pending_prefix(self.pending, self.stop_token_ids)
+        keep = _partial_stop(self.pending, self.stop_token_ids)
         held = self.pending[len(self.pending) - keep :]
         self._accept(self.pending[: len(self.pending) - keep])
         self.pending = held
@@ -110,7 +100,7 @@ class SequenceText:
 
     def delta(self) -> str:
         """Returns the text that became final since the last call."""
-        end = len(self.text) if self.finished else len(self.text) - _held_back(self.text, self.stop)
+        end = len(self.text) if self.finished else len(self.text) - _partial_stop(self.text, self.stop)
         end = max(end, self.emitted)
         out, self.emitted = self.text[self.emitted : end], end
         return out

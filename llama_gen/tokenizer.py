@@ -71,12 +71,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         """Returns the ids of s, with bos/eos added as asked."""
-        t = self.sp_model.encode(s)
-        if bos:
-            t = [self.bos_id] + t
-        if eos:
-            t = t + [self.eos_id]
-        return t
+        return ([self.bos_id] if bos else []) + self.sp_model.encode(s) + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Sequence[int]) -> str:
         """Returns the text of ids (control tokens decode to "", a leading space is stripped)."""
@@ -241,12 +236,10 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         """Returns the ids of s, with bos/eos added as asked and when defined."""
-        t = self.model.encode(s, add_special_tokens=False).ids
-        if bos and self.bos_id >= 0:
-            t = [self.bos_id] + t
-        if eos and self.eos_ids:
-            t = t + [self.eos_id]
-        return t
+        ids = self.model.encode(s, add_special_tokens=False).ids
+        return (
+            ([self.bos_id] if bos and self.bos_id >= 0 else []) + ids + ([self.eos_id] if eos and self.eos_ids else [])
+        )
 
     def decode(self, ids: Sequence[int]) -> str:
         """Returns the text of ids, special tokens included as text."""

@@ -11,7 +11,7 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_gen.apps.cli import convert  # noqa: E402
+from llama_gen.apps.convert import main  # noqa: E402
 
 if __name__ == "__main__":
-    fire.Fire(convert)
+    fire.Fire(main)
