@@ -1,8 +1,8 @@
 """Meta-style checkpoint directories: ``params.json`` plus ``consolidated.XX.pth`` model-parallel shards.
 
-Shard XX holds exactly what model-parallel rank XX runs with. Shards are merged and/or split on load, so a
-checkpoint saved with N shards runs on M model-parallel ranks for any N, M where the head counts divide;
-when M exceeds the number of KV heads, each KV head is replicated so every rank holds whole heads.
+Shard XX holds exactly what model-parallel rank XX runs with (checkpoints saved for another number of ranks are
+merged and/or split on load by llama_gen.convert.reshard). Weights are memory-mapped and converted one tensor at a
+time, each source's pages dropped as it goes, so loading never holds two copies of the weights.
 """
 
 import contextlib
@@ -22,26 +22,8 @@ from llama_gen.tokenizer import Tokenizer
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (file-backed pages are simply dropped)
 
-# Which dimension each weight is split along across model-parallel ranks (None: replicated).
-COLUMN_PARALLEL = tuple(
-    "attention.wq.weight attention.wk.weight attention.wv.weight feed_forward.w1.weight feed_forward.w3.weight "
-    "output.weight".split()
-)
-ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
-KV_WEIGHTS = ("attention.wk.weight", "attention.wv.weight")
 IGNORED_KEYS = ("rope.freqs",)  # Meta's Llama 2 shards carry a rotary table we recompute
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
-
-
-def split_dim(name: str) -> int | None:
-    """Returns the dimension a weight is split along across model-parallel ranks, or None if replicated."""
-    if name.endswith(COLUMN_PARALLEL):
-        return 0
-    if name.endswith(ROW_PARALLEL):
-        return 1
-    if name == "tok_embeddings.weight":
-        return 1  # fairscale ParallelEmbedding splits the embedding dim, as Meta's Llama 2 shards do
-    return None
 
 
 def read_params(ckpt_dir: Path) -> dict:
@@ -115,78 +97,18 @@ def validate_parallel(args: ModelArgs, mp_size: int) -> None:
     kv_replication(args.kv_heads, mp_size)
 
 
-def repeat_kv_heads(weight: torch.Tensor, n_kv_heads: int, repeats: int) -> torch.Tensor:
-    """Returns a wk/wv weight with each head's rows repeated ``repeats`` times (GQA groups stay aligned)."""
-    head_dim = weight.shape[0] // n_kv_heads
-    return weight.view(n_kv_heads, head_dim, -1).repeat_interleave(repeats, dim=0).reshape(-1, weight.shape[1])
-
-
-def merge_kv(name: str, parts: list[torch.Tensor], args: ModelArgs) -> torch.Tensor:
-    """Returns a full wk/wv weight with one copy of each KV head, undoing the replication of shards saved
-    for more ranks than there are KV heads."""
-    weight = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-    rows = args.kv_heads * args.head_dim
-    if weight.shape[0] <= rows or weight.shape[0] % rows:
-        return weight  # unreplicated (or a shape check_shapes will report)
-    copies = weight.shape[0] // rows
-    heads = weight.view(args.kv_heads, copies, args.head_dim, -1)
-    if not torch.equal(heads, heads[:, :1].expand_as(heads)):
-        raise ValueError(
-            f"{name}: the shards hold {copies} copies of {args.kv_heads} KV heads but the copies differ: "
-            f"n_kv_heads in params.json does not match the shards"
-        )
-    return heads[:, 0].reshape(rows, -1)
-
-
-def take_slice(name: str, parts: list[torch.Tensor], dim: int, index: int, count: int) -> torch.Tensor:
-    """Returns slice ``index`` of ``count`` equal slices along dim of the concatenation of parts, touching only
-    the parts it overlaps (a view when it lies within one part)."""
-    total = sum(p.shape[dim] for p in parts)
-    if total % count:
-        raise ValueError(
-            f"{name} has size {total} along dim {dim}, which cannot be split into {count} equal parts: "
-            f"use a number of model-parallel ranks that divides it"
-        )
-    size = total // count
-    start, stop, offset, pieces = index * size, (index + 1) * size, 0, []
-    for part in parts:
-        lo, hi = max(start, offset), min(stop, offset + part.shape[dim])
-        if lo < hi:
-            pieces.append(part.narrow(dim, lo - offset, hi - lo))
-        offset += part.shape[dim]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
-
-
-def local_weight(name: str, parts: list[torch.Tensor], args: ModelArgs, mp_size: int, mp_rank: int) -> torch.Tensor:
-    """Returns model-parallel rank mp_rank's piece of a weight given as N checkpoint shards (N, mp_size any).
-
-    Only the shards it overlaps are read; the result may be a view of them.
-    """
-    dim = split_dim(name)
-    if dim is None:
-        return parts[0]
-    if name.endswith(KV_WEIGHTS):
-        repeats = kv_replication(args.kv_heads, mp_size)
-        if repeats == 1 and sum(p.shape[0] for p in parts) == args.kv_heads * args.head_dim:
-            return take_slice(name, parts, 0, mp_rank, mp_size).contiguous()  # no replication anywhere
-        weight = merge_kv(name, parts, args)
-        if repeats > 1:
-            weight = repeat_kv_heads(weight, args.kv_heads, repeats)
-        return take_slice(name, [weight], 0, mp_rank, mp_size).clone()
-    if len(parts) > 1 and name == "tok_embeddings.weight" and parts[0].shape[1] == args.dim:
-        parts = [torch.cat(parts, dim=0)]  # Llama 3 style shards split the vocabulary; we split the dim
-    return take_slice(name, parts, dim, mp_rank, mp_size).contiguous()
-
-
 def load_state_dict(ckpt_dir: Path, args: ModelArgs, mp_size: int = 1, mp_rank: int = 0) -> dict[str, torch.Tensor]:
-    """Returns this rank's weights, merging/splitting the checkpoint's shards as needed (memory-mapped reads).
-
-    ``args.n_kv_heads`` must be the checkpoint's own (before any replication for mp_size).
-    """
+    """Returns this rank's weights, memory-mapped. One shard on one rank is taken as it is; any other shard count
+    is merged and/or split for mp_size ranks by llama_gen.convert.reshard. ``args.n_kv_heads`` must be the
+    checkpoint's own (before any replication for mp_size)."""
     if not 0 <= mp_rank < mp_size:
         raise ValueError(f"mp_rank={mp_rank} is outside the {mp_size} model-parallel ranks")
     shards = open_shards(ckpt_dir)
-    return {name: local_weight(name, [s[name] for s in shards], args, mp_size, mp_rank) for name in shards[0]}
+    if len(shards) == mp_size == 1:
+        return shards[0]
+    from llama_gen.convert.reshard import local_state  # the lazy hook: a checkpoint saved for other rank counts
+
+    return local_state(shards, args, mp_size, mp_rank)
 
 
 def check_shapes(
@@ -194,11 +116,8 @@ def check_shapes(
 ) -> None:
     """Raises ValueError naming the file and the numbers when weights don't fit the model built from params.json."""
     where = f"{Path(ckpt_dir) / 'consolidated.*.pth'} vs {Path(ckpt_dir) / 'params.json'}"
-    problems = []
-    for name in sorted(set(expected) - set(state)):
-        problems.append(f"missing {name} (expected shape {list(expected[name])})")
-    for name in sorted(set(state) - set(expected)):
-        problems.append(f"unexpected {name} of shape {list(state[name].shape)}")
+    problems = [f"missing {n} (expected shape {list(expected[n])})" for n in sorted(set(expected) - set(state))]
+    problems += [f"unexpected {n} of shape {list(state[n].shape)}" for n in sorted(set(state) - set(expected))]
     for name in sorted(set(state) & set(expected)):
         if state[name].shape != expected[name]:
             problems.append(f"{name} has shape {list(state[name].shape)}, the model expects {list(expected[name])}")

@@ -90,10 +90,9 @@ class Llama:
         llama = Llama.from_model(
             model, tokenizer, compile=compile, quantize=quantize, generation_config=config, chat_format=chat_format
         )
+        loaded = f"Loaded {ckpt_dir} in {time.time() - start:.2f} s ({dtype}, {device}, mp={mp_size})"
         if int(os.environ.get("RANK", "0")) == 0:
-            print(
-                f"Loaded {ckpt_dir} in {time.time() - start:.2f} s ({dtype}, {device}, mp={mp_size})", file=sys.stderr
-            )
+            print(loaded, file=sys.stderr)
         return llama
 
     @classmethod
@@ -182,14 +181,11 @@ class Llama:
         return self._stream(self.encode_prompts(prompts), self._settings(opts))
 
     def stream_chat_completion(
-        self,
-        dialogs: list[Dialog],
-        options: GenerationOptions | None = None,
-        chat_format: str | None = None,
-        **more: Any,
+        self, dialogs: list[Dialog], options: GenerationOptions | None = None, **more: Any
     ) -> Iterator[list[StreamChunk]]:
-        """Yields, after each decoding step, the new reply text of each dialog (see stream_text_completion)."""
-        prompt_tokens, fmt = self.encode_dialogs(dialogs, chat_format)
+        """Yields, after each decoding step, the new reply text of each dialog (see stream_text_completion);
+        keywords: ``chat_format`` or any GenerationOptions field."""
+        prompt_tokens, fmt = self.encode_dialogs(dialogs, more.pop("chat_format", None))
         opts = GenerationOptions.from_call(options, more)
         return self._stream(prompt_tokens, self._settings(opts, fmt.stop_ids(self.tokenizer)))
 

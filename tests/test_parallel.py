@@ -14,8 +14,8 @@ from conftest import LLAMA2_TOKENIZER, REPO
 from mp_worker import build, run_checks
 
 from llama_gen import Llama, parallel
-from llama_gen.checkpoint import find_shards, load_state_dict, read_params, split_dim, validate_parallel
-from llama_gen.convert.reshard import reshard, shard_state
+from llama_gen.checkpoint import find_shards, load_state_dict, read_params, validate_parallel
+from llama_gen.convert.reshard import reshard, shard_state, split_dim
 from llama_gen.model import ModelArgs
 
 TOLERANCE = 1e-5  # fp32 logits of every layout vs the single-process, single-shard run
