@@ -40,8 +40,8 @@ class GenerationOptions:
         object.__setattr__(self, "stop_token_ids", _stop_sequences(self.stop_token_ids))
         if self.max_gen_len is not None and not _is_int(self.max_gen_len, low=0):
             raise ValueError(f"max_gen_len must be a non-negative integer, got {self.max_gen_len!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64) (torch.Generator's range), got {self.seed!r}")
         for name in ("logprobs", "echo"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -86,8 +86,8 @@ def _is_int(value: object, low: int | None = None) -> bool:
 
 
 def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if not all(isinstance(s, str) and s for s in stops):
+    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, (list, tuple)) else stop or ()
+    if not isinstance(stops, tuple) or not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
     return stops
 

@@ -27,15 +27,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from llama_gen import parallel
-from llama_gen.apps.cli import friendly_errors
+from llama_gen.apps.errors import friendly_errors
+from llama_gen.apps.flags import (
+    MODEL_FLAGS,
+    REQUIRED,
+    SAMPLING_FLAGS,
+    SETTINGS,
+    STOP_FLAG,
+    Flag,
+    check_model_flags,
+    check_sampling_flags,
+    model_flags,
+    sampling_settings,
+    select,
+    takes,
+)
+from llama_gen.devices import resolve_device
+from llama_gen.generation import Llama
 
-SETTINGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_gen_len", "stop", "seed")
 KNOWN_KEYS = {"id", "prompt", "dialog", *SETTINGS}
+FILE_FLAGS = (
+    Flag("prompts", REQUIRED, str, ".txt file (one prompt per line) or .jsonl file of prompt or dialog records"),
+    Flag("output", None, str | None, "the JSONL output (default: PROMPTS.out.jsonl next to the input)"),
+)
+OUTPUT_FLAGS = (
+    Flag("logprobs", False, bool, "also write each generated token and its logprob"),
+    Flag("strict", False, bool, "stop before any compute when a line is malformed (default: skip it)"),
+)
 
 
 @dataclass
@@ -60,27 +82,6 @@ class Record:
 # ---- reading the input ------------------------------------------------------------------------------
 
 
-def _check_setting(name: str, value: Any) -> str | None:
-    """Returns what is wrong with one per-record setting, or None if it is fine."""
-    from llama_gen.options import LIBRARY_DEFAULTS
-    from llama_gen.sampling import SamplingParams
-
-    if name in LIBRARY_DEFAULTS:
-        try:
-            SamplingParams(**{**LIBRARY_DEFAULTS, name: value})
-        except ValueError as e:
-            return str(e)
-    elif name in ("max_gen_len", "seed"):
-        low = 0 if name == "max_gen_len" else -(2**63)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            return f"{name} must be an integer{' >= 0' if name == 'max_gen_len' else ''}, got {value!r}"
-    elif name == "stop":
-        stops = [value] if isinstance(value, str) else value
-        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-            return f"stop must be a non-empty string or a list of them, got {value!r}"
-    return None
-
-
 def parse_jsonl_line(text: str, line: int, unknown: set) -> Record:
     """Returns the Record on one JSONL line; raises ValueError saying what is wrong with it."""
     try:
@@ -98,13 +99,7 @@ def parse_jsonl_line(text: str, line: int, unknown: set) -> Record:
         raise ValueError(f"prompt must be a string, got {type(obj['prompt']).__name__}")
     if "dialog" in obj and (not isinstance(obj["dialog"], list) or not obj["dialog"]):
         raise ValueError('dialog must be a non-empty list of {"role": ..., "content": ...} messages')
-    settings = {k: obj[k] for k in SETTINGS if k in obj and obj[k] is not None}
-    for name, value in settings.items():
-        problem = _check_setting(name, value)
-        if problem:
-            raise ValueError(problem)
-    if isinstance(settings.get("stop"), str):
-        settings["stop"] = [settings["stop"]]
+    settings = sampling_settings(obj)  # raises ValueError naming a bad setting
     unknown.update(set(obj) - KNOWN_KEYS)
     return Record(rid, line, obj.get("prompt"), obj.get("dialog"), settings)
 
@@ -324,17 +319,6 @@ def report(path: Path, bad: list[tuple[int, str]]) -> None:
             print(f"{path}:{line}: skipped: {reason}", file=sys.stderr)
 
 
-def check_flags(max_seq_len: int, max_batch_size: int, defaults: dict) -> None:
-    """Raises ValueError on a bad command-line setting, before anything is loaded."""
-    for name, value, low in (("max_seq_len", max_seq_len, 2), ("max_batch_size", max_batch_size, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
-    for name, value in defaults.items():
-        problem = _check_setting(name, value)
-        if problem:
-            raise ValueError(f"--{problem}")
-
-
 def complete_share(
     llama, batches: list[tuple[dict, list[Record]]], out: Path, main_file, chat_format: str | None, logprobs: bool
 ) -> tuple[int, int]:
@@ -394,31 +378,55 @@ def sum_over_writers(written: int, failed: int) -> tuple[int, int]:
     return sum(g[0] for g in gathered), sum(g[1] for g in gathered)
 
 
+def input_output(prompts: str, output: str | None) -> tuple[Path, Path]:
+    """Returns (the prompt file, the output file); raises ValueError when the output would overwrite the input."""
+    path = Path(str(prompts))
+    out = Path(str(output)) if output is not None else path.with_name(path.stem + ".out.jsonl")
+    if out.resolve() == path.resolve():
+        raise ValueError(f"--output {out} would overwrite the prompt file")
+    return path, out
+
+
+def read_input(path: Path, strict: bool) -> tuple[list[Record], list[tuple[int, str]], set]:
+    """Returns read_prompts(path); raises ValueError on duplicate ids, and with strict on a malformed line."""
+    records, bad, unknown = read_prompts(path)
+    check_duplicates(records, path)
+    if strict and bad:
+        report(path, bad)
+        raise ValueError(f"{path}: {len(bad)} malformed lines (first: line {bad[0][0]}); fix them or drop --strict")
+    return records, bad, unknown
+
+
+def open_output(out: Path):
+    """Returns (the locked output file on rank 0, else None; {id key: record} already done), once every rank
+    is here; rank 0 first merges the part files a crashed data-parallel run left."""
+    lock = None
+    if global_rank() == 0:
+        lock = lock_output(out)
+        merge_parts(out)
+    barrier()
+    return lock, read_output(out, repair=False)
+
+
+def encode_or_fail(llama, pending: list[Record], path: Path, values: dict) -> list[tuple[int, str]]:
+    """Returns encode_records' (line, reason) list; with --strict raises ValueError if it is not empty."""
+    bad = encode_records(llama, pending, values["chat_format"])
+    if values["strict"] and bad:
+        report(path, bad)
+        raise ValueError(f"{path}: {len(bad)} prompts the model cannot take; fix them or drop --strict")
+    return bad
+
+
+def close_output(out: Path, records: list[Record], lock) -> None:
+    """Merges the replicas' parts into out, puts it in input order and releases the lock (rank 0); returns None."""
+    merge_parts(out)
+    sort_output(out, [r.key for r in records])
+    lock.close()
+
+
 @friendly_errors
-def main(
-    prompts: str,
-    output: str | None = None,
-    ckpt_dir: str | None = None,
-    tokenizer_path: str | None = None,
-    max_seq_len: int = 2048,
-    max_batch_size: int = 8,
-    max_gen_len: int | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    stop: Any | None = None,
-    seed: int = 1,
-    chat_format: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    model_parallel_size: int | None = None,
-    compile: bool = False,
-    quantize: str | None = None,
-    logprobs: bool = False,
-    strict: bool = False,
-) -> None:
+@takes(FILE_FLAGS, select(MODEL_FLAGS, max_batch_size=8), SAMPLING_FLAGS, [STOP_FLAG], OUTPUT_FLAGS)
+def main(values: dict) -> None:
     """Completes every prompt of a .txt/.jsonl file not yet in the output; prints a summary, returns None.
 
     Command-line sampling settings are defaults that each JSONL record may override (left out: the
@@ -426,78 +434,29 @@ def main(
     "seed" seeds its batch. --strict stops before any compute when a line is malformed.
     Exits with status 1 when a batch failed (rerun to retry it).
     """
-    from llama_gen.chat_format import get_chat_format
-    from llama_gen.devices import default_device
-    from llama_gen.fast.quantize import check_quantization
-    from llama_gen.generation import Llama
-
-    path = Path(str(prompts))
-    out = Path(str(output)) if output is not None else path.with_name(path.stem + ".out.jsonl")
-    if out.resolve() == path.resolve():
-        raise ValueError(f"--output {out} would overwrite the prompt file")
-    defaults = dict(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        max_gen_len=max_gen_len,
-        stop=stop,
-    )
-    defaults = {k: ([v] if k == "stop" and isinstance(v, str) else v) for k, v in defaults.items() if v is not None}
-    check_flags(max_seq_len, max_batch_size, defaults)
-    check_quantization(quantize)
-    if chat_format is not None:
-        get_chat_format(chat_format)
-    records, bad, unknown = read_prompts(path)
-    check_duplicates(records, path)
-    if strict and bad:
-        report(path, bad)
-        raise ValueError(f"{path}: {len(bad)} malformed lines (first: line {bad[0][0]}); fix them or drop --strict")
-
-    dev = torch.device(device) if device is not None else default_device()
-    parallel.init_distributed(model_parallel_size, dev)
-    rank = global_rank()
-    lock = lock_output(out) if rank == 0 else None
-    if rank == 0:
-        merge_parts(out)  # parts left by a crashed data-parallel run
-    barrier()
-    done = read_output(out, repair=False)
+    path, out = input_output(values["prompts"], values["output"])
+    check_model_flags(values)
+    defaults = check_sampling_flags(values)
+    records, bad, unknown = read_input(path, values["strict"])
+    device = resolve_device(values["device"])
+    parallel.init_distributed(values["model_parallel_size"], device)
+    lock, done = open_output(out)
     pending = [r for r in records if r.key not in done]
     n_already = len(records) - len(pending)
     start = time.time()
     written = failed = 0
     if pending:
-        llama = Llama.build(
-            ckpt_dir=None if ckpt_dir is None else str(ckpt_dir),
-            tokenizer_path=tokenizer_path,
-            max_seq_len=max_seq_len,
-            max_batch_size=max_batch_size,
-            model_parallel_size=model_parallel_size,
-            seed=seed,
-            device=dev,
-            dtype=dtype,
-            chat_format=chat_format,
-            compile=compile,
-            quantize=quantize,
-        )
-        more_bad = encode_records(llama, pending, chat_format)
-        if strict and more_bad:
-            report(path, more_bad)
-            raise ValueError(f"{path}: {len(more_bad)} prompts the model cannot take; fix them or drop --strict")
-        bad = sorted(bad + more_bad)
+        llama = Llama.build(**{**model_flags(values), "device": device})
+        bad = sorted(bad + encode_or_fail(llama, pending, path, values))
     report(path, bad)
-    if unknown and rank == 0:
+    if unknown and global_rank() == 0:
         print(f"{path}: ignored unknown fields {sorted(unknown)}", file=sys.stderr)
     if pending:
-        written, failed = complete_share(
-            llama, make_batches(pending, defaults, max_batch_size), out, lock, chat_format, logprobs
-        )
+        batches = make_batches(pending, defaults, values["max_batch_size"])
+        written, failed = complete_share(llama, batches, out, lock, values["chat_format"], values["logprobs"])
     written, failed = sum_over_writers(written, failed)
-    if rank == 0:
-        merge_parts(out)
-        sort_output(out, [r.key for r in records])
-        lock.close()
+    if global_rank() == 0:
+        close_output(out, records, lock)
         print(
             f"{path}: {written} done, {n_already} already done, {len(bad)} skipped (malformed), "
             f"{failed} failed -> {out} ({time.time() - start:.1f} s)",

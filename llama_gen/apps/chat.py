@@ -19,18 +19,27 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from llama_gen.apps.cli import friendly_errors
-from llama_gen.chat_format import ChatFormat, Dialog, Message, get_chat_format
-from llama_gen.fast.quantize import check_quantization
+from llama_gen.apps.errors import friendly_errors
+from llama_gen.apps.flags import (
+    MODEL_FLAGS,
+    SAMPLING_FLAGS,
+    Flag,
+    check_model_flags,
+    check_sampling_flags,
+    model_flags,
+    select,
+    takes,
+)
+from llama_gen.chat_format import ChatFormat, Dialog, Message
 from llama_gen.generation import Llama
 from llama_gen.loop import StreamChunk
-from llama_gen.options import LIBRARY_DEFAULTS
+from llama_gen.options import GenerationOptions
 from llama_gen.parallel import shutdown_distributed
-from llama_gen.sampling import SamplingParams
 
 HELP = """commands:
   /reset          forget the conversation (the system prompt stays)
@@ -121,7 +130,7 @@ class ChatSession:
         self.max_gen_len = max_gen_len
         self.max_prompt_len = llama.model.args.max_seq_len - max_gen_len
         self.system = system
-        self.sampling = sampling
+        self.options = GenerationOptions(max_gen_len=max_gen_len, **sampling)
         self.history: list[Message] = []  # user, assistant, user, assistant, ...
         self.trim_told = False
 
@@ -149,9 +158,7 @@ class ChatSession:
     def stream(self, text: str, drop: int) -> Iterator[list[StreamChunk]]:
         """Returns the reply stream for text after dropping the ``drop`` oldest pairs."""
         dialog = self.dialog(self.history[2 * drop :] + [{"role": "user", "content": text}])
-        return self.llama.stream_chat_completion(
-            [dialog], max_gen_len=self.max_gen_len, chat_format=self.fmt.name, **self.sampling
-        )
+        return self.llama.stream_chat_completion([dialog], options=self.options, chat_format=self.fmt.name)
 
     def commit(self, text: str, reply: str, drop: int) -> None:
         """Drops the oldest pairs and records the exchange; returns None."""
@@ -182,21 +189,32 @@ def run_command(line: str, session: ChatSession, channel: Channel) -> bool:
     return True
 
 
-def reply(session: ChatSession, channel: Channel, text: str, show_stats: bool) -> None:
-    """Streams the model's answer to text, records it in the history and prints stats; returns None."""
+@dataclass
+class Streamed:
+    """What one streamed reply came to."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    n_tokens: int = 0
+    stopped: bool = False  # by Ctrl-C
+    first_at: float | None = None  # perf_counter() when the first visible text arrived
+
+
+def fit_or_explain(session: ChatSession, channel: Channel, text: str) -> tuple[int, int] | None:
+    """Returns (pairs to drop, prompt tokens) for text, or None after telling the user why it cannot be sent."""
     max_seq_len = session.llama.model.args.max_seq_len
     try:
         drop, n_prompt = session.fit(text)
     except ValueError as e:
         channel.say(f"error: {e}")
-        return
+        return None
     if drop < 0:
         channel.say(
             f"(that message needs {n_prompt} prompt tokens, but max_seq_len={max_seq_len} leaves "
             f"{session.max_prompt_len} after reserving max_gen_len={session.max_gen_len} for the reply: "
             "shorten it, or restart with a larger --max_seq_len or smaller --max_gen_len)"
         )
-        return
+        return None
     if drop and not session.trim_told:
         session.trim_told = True
         channel.say(
@@ -204,46 +222,59 @@ def reply(session: ChatSession, channel: Channel, text: str, show_stats: bool) -
             f"{session.max_gen_len}-token reply: the oldest turns are dropped from now on, "
             "the system prompt is kept)"
         )
-    start = time.perf_counter()
-    first = None
+    return drop, n_prompt
+
+
+def show_stream(stream: Iterator[list[StreamChunk]], channel: Channel) -> Streamed:
+    """Prints the reply as it streams until it ends or rank 0 asks to stop (Ctrl-C); returns what it came to."""
+    out = Streamed()
     parts: list[str] = []
-    finish, stopped, shown, n = None, False, False, 0
-    try:
-        stream = session.stream(text, drop)  # validates eagerly: nothing is computed yet
-    except ValueError as e:
-        channel.say(f"error: {e}")
-        return
     try:
         with StopOnInterrupt() as interrupt:
             for chunks in stream:
                 for chunk in chunks:
                     parts.append(chunk.text)
-                    finish = chunk.finish_reason or finish
-                    n = chunk.n_tokens
-                    piece = chunk.text if shown else chunk.text.lstrip()
+                    out.finish_reason = chunk.finish_reason or out.finish_reason
+                    out.n_tokens = chunk.n_tokens
+                    piece = chunk.text if out.first_at is not None else chunk.text.lstrip()
                     if piece:
-                        if first is None:
-                            first = time.perf_counter()
+                        out.first_at = out.first_at or time.perf_counter()
                         channel.say(piece, end="")
-                        shown = True
                 if channel.agree(interrupt.requested):
-                    stopped = True
+                    out.stopped = True
                     break
     except KeyboardInterrupt:  # a second Ctrl-C, inside a long step
         if getattr(channel, "distributed", False):
             raise  # the other ranks are mid-step: leaving this rank alone would desynchronize them
-        stopped = True
+        out.stopped = True
     finally:
         stream.close()
+    out.text = "".join(parts)
+    return out
+
+
+def reply(session: ChatSession, channel: Channel, text: str, show_stats: bool) -> None:
+    """Streams the model's answer to text, records it in the history and prints stats; returns None."""
+    fit = fit_or_explain(session, channel, text)
+    if fit is None:
+        return
+    drop, n_prompt = fit
+    start = time.perf_counter()
+    try:
+        stream = session.stream(text, drop)  # validates eagerly: nothing is computed yet
+    except ValueError as e:
+        channel.say(f"error: {e}")
+        return
+    out = show_stream(stream, channel)
     end = time.perf_counter()
-    answer = "".join(parts)
-    session.commit(text, answer, drop)
+    session.commit(text, out.text, drop)
     channel.say()
-    if stopped:
+    if out.stopped:
         channel.say("[stopped]")
-    elif finish == "length":
+    elif out.finish_reason == "length":
         channel.say(f"[cut at max_gen_len={session.max_gen_len} tokens or max_seq_len]")
     if show_stats:
+        n, first = out.n_tokens, out.first_at
         ttft = (first or end) - start
         rate = (n - 1) / (end - first) if n > 1 and first is not None and end > first else 0.0
         channel.dim(f"[{n} tokens, {n_prompt} prompt tokens, first token {ttft:.2f} s, {rate:.1f} tok/s]")
@@ -265,95 +296,62 @@ def chat_loop(session: ChatSession, channel: Channel, show_stats: bool = True) -
         reply(session, channel, line, show_stats)
 
 
-def check_args(
-    max_seq_len: int,
-    max_batch_size: int,
-    max_gen_len: int | None,
-    sampling: dict,
-    chat_format: str | None,
-    model_parallel_size: int | None,
-) -> int:
-    """Raises ValueError on bad flags (before anything is loaded); returns the max_gen_len to use."""
-    for name, value, low in (("max_seq_len", max_seq_len, 2), ("max_batch_size", max_batch_size, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
+CHAT_FLAGS = (
+    Flag("system", None, str | None, "the system prompt (/system changes it during the chat)"),
+    Flag("show_stats", True, bool, "print token counts, time to first token and speed after each reply"),
+    Flag("quiet_stats", False, bool, "hide those stats (as --show_stats False does)"),
+)
+
+
+def check_flags(values: dict) -> dict:
+    """Raises ValueError on bad flags (before anything is loaded); returns the generation settings given, with
+    the max_gen_len to use."""
+    check_model_flags(values)
+    max_seq_len, max_gen_len = values["max_seq_len"], values["max_gen_len"]
     if max_gen_len is None:
         max_gen_len = min(512, max_seq_len // 2)
     if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or not 1 <= max_gen_len < max_seq_len:
         raise ValueError(f"--max_gen_len must be an integer in [1, max_seq_len={max_seq_len}), got {max_gen_len!r}")
-    SamplingParams(**{k: LIBRARY_DEFAULTS[k] if v is None else v for k, v in sampling.items()})  # validates
-    if chat_format is not None:
-        get_chat_format(chat_format)
+    settings = check_sampling_flags(values)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if model_parallel_size not in (None, world):
+    if values["model_parallel_size"] not in (None, world):
         raise ValueError(
             f"chat runs one copy of the model: --model_parallel_size must equal the number of "
-            f"processes ({world}), got {model_parallel_size}"
+            f"processes ({world}), got {values['model_parallel_size']}"
         )
-    return max_gen_len
+    return {**settings, "max_gen_len": max_gen_len}
+
+
+def warm_up(llama: Llama, channel: Channel) -> None:
+    """Compiles the decode step now when the model was built with --compile (so the first reply is not slow),
+    saying so; returns None."""
+    if getattr(llama.forward, "compiled", False):  # a compiled llama_gen.fast.FastForward
+        channel.dim("(compiling the decode step once for this run; cached on disk, so the next run is faster)")
+        channel.dim(f"(compiled in {llama.forward.warm_up((1,), max_pos=0):.1f} s)")
 
 
 @friendly_errors
-def main(
-    ckpt_dir: str | None = None,
-    tokenizer_path: str | None = None,
-    max_seq_len: int = 2048,
-    max_batch_size: int = 1,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    max_gen_len: int | None = None,
-    top_k: int | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    seed: int = 1,
-    chat_format: str | None = None,
-    system: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    model_parallel_size: int | None = None,
-    compile: bool = False,
-    quantize: str | None = None,
-    show_stats: bool = True,
-    quiet_stats: bool = False,
-) -> None:
+@takes(select(MODEL_FLAGS, max_batch_size=1), SAMPLING_FLAGS, CHAT_FLAGS)
+def main(values: dict) -> None:
     """Chats with a model in the terminal until /exit, Ctrl-D or Ctrl-C at the prompt; returns None.
 
     Sampling flags left out use the checkpoint's generation_config.json (then the library defaults).
     max_gen_len defaults to min(512, max_seq_len // 2). No --ckpt_dir: the default SmolLM2-135M-Instruct.
     """
-    sampling = dict(
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty
-    )
-    max_gen_len = check_args(max_seq_len, max_batch_size, max_gen_len, sampling, chat_format, model_parallel_size)
-    check_quantization(quantize)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"--seed must be an integer, got {seed!r}")
-    llama = Llama.build(
-        ckpt_dir=None if ckpt_dir is None else str(ckpt_dir),
-        tokenizer_path=tokenizer_path,
-        max_seq_len=max_seq_len,
-        max_batch_size=max_batch_size,
-        model_parallel_size=model_parallel_size,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        chat_format=chat_format,
-        compile=compile,
-        quantize=quantize,
-    )
+    settings = check_flags(values)
+    llama = Llama.build(**model_flags(values))
     channel = Channel(llama.device)
     if channel.tty_in:
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    if getattr(llama.forward, "compiled", False):  # a compiled llama_gen.fast.FastForward
-        channel.dim("(compiling the decode step once for this run; cached on disk, so the next run is faster)")
-        channel.dim(f"(compiled in {llama.forward.warm_up((1,), max_pos=0):.1f} s)")
-    session = ChatSession(llama, max_gen_len, None if system is None else str(system), chat_format, **sampling)
+    warm_up(llama, channel)
+    system = None if values["system"] is None else str(values["system"])
+    session = ChatSession(llama, system=system, chat_format=values["chat_format"], **settings)
     channel.say(
-        f"(chat format {session.fmt.name}, max_seq_len={max_seq_len}, max_gen_len={max_gen_len}; "
+        f"(chat format {session.fmt.name}, max_seq_len={values['max_seq_len']}, max_gen_len={session.max_gen_len}; "
         "/help for commands, Ctrl-D to quit)"
     )
-    chat_loop(session, channel, show_stats and not quiet_stats)
+    chat_loop(session, channel, values["show_stats"] and not values["quiet_stats"])
     shutdown_distributed()

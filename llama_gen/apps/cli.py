@@ -9,12 +9,9 @@
 Each subcommand is imported only when used, so ``llama-gen info`` starts fast.
 """
 
-import functools
 import importlib
-import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
 import fire
 
@@ -23,46 +20,9 @@ COMMANDS = {
     "chat": ("llama_gen.apps.chat", "main"),
     "complete": ("llama_gen.apps.batch", "main"),
     "info": ("llama_gen.apps.info", "main"),
-    "convert": ("llama_gen.apps.cli", "convert"),
+    "convert": ("llama_gen.apps.convert", "main"),
     "reshard": ("llama_gen.convert.reshard", None),
 }
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
-
-
-def friendly_errors(fn: Callable) -> Callable:
-    """Returns fn wrapped so that bad input ends the program with 'error: ...' and status 2, not a traceback.
-
-    Set LLAMA_GEN_TRACEBACK=1 to see the traceback anyway.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            if os.environ.get("LLAMA_GEN_TRACEBACK"):
-                raise
-            rank = int(os.environ.get("RANK", "0"))
-            prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-            print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
-
-    return wrapper
-
-
-@friendly_errors
-def convert(src: str | None = None, out_dir: str | None = None, dtype: str = "float32") -> None:
-    """Converts a GGUF file or Hugging Face directory into a checkpoint directory (no SRC: the default model);
-    prints the directory and returns None."""
-    from llama_gen.convert import convert as convert_checkpoint
-    from llama_gen.convert import ensure_default_model
-
-    if src is None:
-        print(ensure_default_model(out_dir))
-    elif out_dir is None:
-        raise ValueError("usage: llama-gen convert SRC OUT_DIR [--dtype float32|bfloat16|float16]")
-    else:
-        print(convert_checkpoint(src, out_dir, dtype))
 
 
 def load_command(name: str) -> Callable:

@@ -10,13 +10,20 @@ from pathlib import Path
 
 import torch
 
-from llama_gen.apps.cli import friendly_errors
+from llama_gen.apps.errors import friendly_errors
+from llama_gen.apps.flags import MODEL_FLAGS, Flag, check_model_flags, select, takes
 from llama_gen.checkpoint import kv_replication, read_params
+from llama_gen.devices import DTYPES, SHORT_NAMES, resolve_device, resolve_dtype
 from llama_gen.model import ModelArgs
 
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}  # bytes per parameter, scales not counted
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+SIZING_FLAGS = select(
+    MODEL_FLAGS,
+    ["ckpt_dir", "tokenizer_path", "max_seq_len", "max_batch_size", "device", "dtype", "model_parallel_size"],
+    max_batch_size=4,
+    model_parallel_size=1,
+)
+JSON_FLAG = Flag("json_output", False, bool, "print the figures as one JSON object")
 
 
 def count_parameters(args: ModelArgs) -> int:
@@ -62,25 +69,12 @@ def read_vocab_size(params: dict, ckpt_dir: Path, tokenizer_path: str | None) ->
     return vocab
 
 
-def model_info(
-    ckpt_dir: str | Path | None = None,
-    tokenizer_path: str | None = None,
-    max_seq_len: int = 2048,
-    max_batch_size: int = 4,
-    device: str | None = None,
-    dtype: str | None = None,
-    model_parallel_size: int = 1,
-) -> dict:
+@takes(SIZING_FLAGS)
+def model_info(values: dict) -> dict:
     """Returns a dict of sizes (bytes) for a checkpoint, run settings and device, and whether they fit."""
-    from llama_gen.devices import default_device, resolve_dtype
-
-    for name, value, low in (
-        ("max_seq_len", max_seq_len, 2),
-        ("max_batch_size", max_batch_size, 1),
-        ("model_parallel_size", model_parallel_size, 1),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_model_flags(values)
+    ckpt_dir, tokenizer_path = values["ckpt_dir"], values["tokenizer_path"]
+    max_seq_len, max_batch_size = values["max_seq_len"], values["max_batch_size"]
     if ckpt_dir is None:
         from llama_gen.convert import ensure_default_model
 
@@ -89,11 +83,11 @@ def model_info(
     params = read_params(ckpt_dir)
     params["vocab_size"] = read_vocab_size(params, ckpt_dir, tokenizer_path)
     args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    dev = torch.device(device) if device is not None else default_device()
-    run_dtype = DTYPE_NAMES[resolve_dtype(dtype, dev)]
-    mp = model_parallel_size
+    dev = resolve_device(values["device"])
+    run_dtype = SHORT_NAMES[resolve_dtype(values["dtype"], dev)]
+    mp = values["model_parallel_size"] or 1  # None: one process
     n_params = count_parameters(args)
-    kv_token = kv_bytes_per_token(args, DTYPE_BYTES[run_dtype], mp)
+    kv_token = kv_bytes_per_token(args, DTYPES[run_dtype].itemsize, mp)
     kv_total = kv_token * max_seq_len * max_batch_size
     # forward() returns float32 logits for every prompt position: the largest activation of a full prefill.
     logits = max_batch_size * max_seq_len * args.vocab_size * 4
@@ -181,20 +175,13 @@ def format_info(info: dict) -> str:
 
 
 @friendly_errors
-def main(
-    ckpt_dir: str | None = None,
-    tokenizer_path: str | None = None,
-    max_seq_len: int = 2048,
-    max_batch_size: int = 4,
-    device: str | None = None,
-    dtype: str | None = None,
-    model_parallel_size: int = 1,
-    json_output: bool = False,
-) -> None:
+@takes(SIZING_FLAGS, [JSON_FLAG])
+def main(values: dict) -> None:
     """Prints parameter count, weight memory per dtype, KV-cache size and whether weights + KV cache fit the
     device's free memory (CUDA: mem_get_info, CPU: MemAvailable); returns None.
 
     --json_output prints the same figures as one JSON object.
     """
-    info = model_info(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, model_parallel_size)
+    json_output = values.pop("json_output")
+    info = model_info(**values)
     print(json.dumps(info, indent=2) if json_output else format_info(info))
