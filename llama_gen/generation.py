@@ -269,12 +269,8 @@ class Llama:
                 raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
 
     def _prediction(self, generation: str | Message, r: Result, opts: GenerationOptions) -> dict:
-        pred = {
-            "generation": generation,
-            "finish_reason": r.finish_reason,
-            "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens,
-        }
+        pred = {"generation": generation, "finish_reason": r.finish_reason}
+        pred.update(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
         if opts.logprobs:
             pred.update(tokens=[self.tokenizer.decode([t]) for t in r.tokens], logprobs=r.logprobs)
         return pred

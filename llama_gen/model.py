@@ -95,9 +95,10 @@ def precompute_rope(head_dim: int, max_len: int, theta: float, scaling: dict | N
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotates interleaved pairs (x[2i], x[2i+1]) of ``x [b, s, h, d]`` by ``rope [s, d/2, 2]``; returns x's dtype."""
+    """Rotates interleaved pairs (x[2i], x[2i+1]) of ``x [b, s, h, d]`` by ``rope [s, d/2, 2]`` (or ``[b, s, d/2, 2]``:
+    each row at its own positions); returns x's dtype."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+    cos, sin = rope.unsqueeze(-3).unbind(-1)  # [(b,) s, 1, d/2]: the same angle for every head
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
     return rotated.flatten(3).type_as(x)
@@ -136,15 +137,16 @@ class Attention(nn.Module):
         v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         return apply_rope(q, rope), apply_rope(k, rope), v
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: torch.Tensor | None, rows: slice):
+        """Attends x's tokens (at start_pos...) over the cache rows ``rows``, after writing their keys and values."""
         bsz, seqlen, _ = x.shape
         q, k, v = self.project(x, rope)
 
         end = start_pos + seqlen
-        self.cache_k[:bsz, start_pos:end] = k
-        self.cache_v[:bsz, start_pos:end] = v
-        keys = self.cache_k[:bsz, :end].transpose(1, 2)
-        values = self.cache_v[:bsz, :end].transpose(1, 2)
+        self.cache_k[rows, start_pos:end] = k
+        self.cache_v[rows, start_pos:end] = v
+        keys = self.cache_k[rows, :end].transpose(1, 2)
+        values = self.cache_v[rows, :end].transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads
         )
@@ -175,8 +177,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: torch.Tensor | None, rows: slice):
+        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -214,17 +216,18 @@ class Transformer(nn.Module):
             self.setup_caches()
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False, first_row: int = 0):
         """Returns float32 logits ``[batch, seqlen, vocab]`` for ``tokens`` placed at positions start_pos...
 
         The KV cache is filled for those positions, so decoding continues with ``start_pos + seqlen``. With
         ``last_only`` only the last position's logits are computed (``[batch, 1, vocab]``): all a sampler needs.
+        The sequences use the cache rows from ``first_row`` on (a serving engine keeps each in its own row).
         """
         self.ensure_caches()
         bsz, seqlen = tokens.shape
-        if start_pos + seqlen > self.args.max_seq_len or bsz > self.args.max_batch_size:
+        if start_pos + seqlen > self.args.max_seq_len or first_row + bsz > self.args.max_batch_size:
             raise ValueError(
-                f"tokens of shape {tuple(tokens.shape)} at start_pos={start_pos} exceed the cache "
+                f"tokens of shape {tuple(tokens.shape)} at start_pos={start_pos}, row {first_row} exceed the cache "
                 f"(max_batch_size={self.args.max_batch_size}, max_seq_len={self.args.max_seq_len})"
             )
         h = self.tok_embeddings(tokens)
@@ -234,7 +237,7 @@ class Transformer(nn.Module):
             # Causal over the new tokens; every cached position before start_pos is visible.
             mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device).tril(start_pos)
         for layer in self.layers:
-            h = layer(h, start_pos, rope, mask)
+            h = layer(h, start_pos, rope, mask, slice(first_row, first_row + bsz))
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
