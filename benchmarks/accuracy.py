@@ -86,7 +86,7 @@ def main(argv=None) -> None:
         ("int8 weights", dict(compile=not args.no_compile, quantize="int8")),
     ]:
         if "quantize" not in kwargs and not kwargs["compile"]:
-            continue  # the uncompiled fp32 fast path is pinned by tests/test_fast.py
+            continue  # the uncompiled fp32 fast path is pinned by tests/fast/test_forward.py
         other = Llama.build(**common, **kwargs)
         if not isinstance(other.forward, FastForward):
             other = Llama(other.model, other.tokenizer, forward=FastForward(other.model, compile=False))

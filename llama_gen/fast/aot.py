@@ -9,10 +9,11 @@ importing the compiler, and hands it its own weights, KV cache and masks as user
 so one call runs the whole step in C++.
 
 Packages are cached on disk (``$LLAMA_GEN_CACHE``, default ``~/.cache/llama_gen/aot``) under a key of all
-the compiled code depends on: model shape, dtype, quantization, weight layout, batch size, PyTorch version,
-CPU capability and this package's source. One package per batch size; the attention window is a dynamic
-dimension of each. The child builds a model of the same structure with placeholder weights: the compiled
-code depends on shapes, dtypes and layouts only.
+the compiled code depends on: model shape, dtype, the layout (llama_gen.fast.layout.Layout: quantization, weight
+layout, kernels), batch size, PyTorch version, CPU capability and this package's source. One package per batch
+size; the attention window is a dynamic dimension of each. The child builds a model of the same structure with
+placeholder weights and applies the same Layout, decided by the parent: the compiled code depends on shapes,
+dtypes, layouts and kernels only.
 """
 
 import dataclasses
@@ -31,6 +32,8 @@ from torch import nn
 
 from llama_gen.checkpoint import release_freed_memory
 from llama_gen.fast.cpu import cpuinfo_field
+from llama_gen.fast.layout import Layout, apply_layout
+from llama_gen.fast.step import causal_mask, decode_step
 from llama_gen.model import ModelArgs, Transformer
 
 # What the compiled code is made of (relative to the llama_gen package): the model and the whole fast path.
@@ -52,13 +55,12 @@ def source_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def step_spec(model: Transformer, batch_size: int, quantize: str | None, layout: str) -> dict:
+def step_spec(model: Transformer, batch_size: int, layout: Layout) -> dict:
     """Returns the JSON-able description a child process rebuilds the model's structure from."""
     return {
         "args": dataclasses.asdict(model.args),
         "dtype": str(model.norm.weight.dtype).removeprefix("torch."),
-        "quantize": quantize,
-        "layout": layout,
+        "layout": layout.to_json(),
         "batch_size": batch_size,
     }
 
@@ -91,8 +93,6 @@ class StepModule(nn.Module):
             as_buffer(layer.attention, "cache_v")
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, window_probe: torch.Tensor) -> torch.Tensor:
-        from llama_gen.fast.step import decode_step
-
         return decode_step(self.model, tokens, input_pos, self.mask[:, : window_probe.shape[0]])
 
 
@@ -123,9 +123,7 @@ def setup_padded_caches(model: Transformer) -> None:
 
 
 def skeleton(spec: dict) -> Transformer:
-    """Returns a model with the spec's structure (weights uninitialized, layout and quantization applied)."""
-    from llama_gen.fast.step import apply_layout
-
+    """Returns a model with the spec's structure (placeholder weights, its Layout applied)."""
     args = ModelArgs(**spec["args"])
     with torch.device("meta"):
         model = Transformer(args)
@@ -134,16 +132,14 @@ def skeleton(spec: dict) -> Transformer:
         for p in model.parameters():
             p.zero_()  # placeholder values (quantizing uninitialized memory would warn about NaNs)
     setup_padded_caches(model)
-    apply_layout(model, spec["quantize"], spec["layout"])
+    apply_layout(model, Layout.from_json(spec["layout"]))
     return model
 
 
 def build_package(spec: dict, path: Path) -> None:
     """Exports the decode step of a spec-shaped model and compiles it into an AOTInductor package at path."""
-    import torch._inductor
+    import torch._inductor  # here, not at the top: only the child process that builds ever imports the compiler
     from torch.export import Dim, export
-
-    from llama_gen.fast.step import causal_mask
 
     model = skeleton(spec)
     args = model.args
@@ -204,14 +200,13 @@ class AotStep:
     """Runs a model's decode step from AOTInductor packages, one per batch size, built or loaded on first use.
 
     Called like decode_step: ``step(model, tokens, input_pos, mask_columns)`` returns float32 logits
-    ``[b, 1, vocab]``; it must be this object's model and mask.
+    ``[b, 1, vocab]``; it must be this object's model and mask, the model prepared with ``layout``.
     """
 
-    def __init__(self, model: Transformer, mask: torch.Tensor, quantize: str | None, layout: str):
+    def __init__(self, model: Transformer, mask: torch.Tensor, layout: Layout):
         setup_padded_caches(model)
         self.model = model
         self.mask = mask
-        self.quantize = quantize
         self.layout = layout
         self.probe = torch.empty(model.args.max_seq_len, device=mask.device)
         self.loaders: dict[int, torch._C._aoti.AOTIModelPackageLoader] = {}
@@ -219,7 +214,7 @@ class AotStep:
     def loader(self, batch_size: int) -> "torch._C._aoti.AOTIModelPackageLoader":
         """Returns the loaded package for this batch size, its constants bound to this model's tensors."""
         if batch_size not in self.loaders:
-            path = ensure_package(step_spec(self.model, batch_size, self.quantize, self.layout))
+            path = ensure_package(step_spec(self.model, batch_size, self.layout))
             loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
             owner = {"model": self.model, "mask": self.mask}
             constants = {name: resolve(owner, name) for name in loader.get_constant_fqns()}
@@ -240,9 +235,10 @@ def resolve(owner: dict, fqn: str) -> torch.Tensor:
     return operator.attrgetter(rest)(owner[root]) if rest else owner[root]
 
 
-def aot_enabled() -> bool:
-    """False when ``LLAMA_GEN_AOT=0`` asks for in-process torch.compile instead."""
-    return os.environ.get("LLAMA_GEN_AOT", "1") != "0"
+def uses_aot(model: Transformer) -> bool:
+    """True when the compiled step is built ahead of time here: on CPU, unless ``LLAMA_GEN_AOT=0`` asks for
+    in-process torch.compile instead."""
+    return model.norm.weight.device.type == "cpu" and os.environ.get("LLAMA_GEN_AOT", "1") != "0"
 
 
 if __name__ == "__main__":

@@ -5,19 +5,17 @@ Two facts differ between the x86 machines we run on, and each flips a choice (me
 * Native bf16 matmuls. oneDNN has them with AVX512 (BW/VL/DQ; AVX512-BF16 and AMX make them fast) or
   AVX-NE-CONVERT. Without them (an AVX2-only CPU) PyTorch's bf16 matmul falls back to a reference kernel that
   is 4-8x slower than float32 for more than one row, and bf16 weights cannot be oneDNN-packed at all.
+  (llama_gen.devices.has_native_bf16_matmul: the core warns about it too.)
 * MKL's float32 matrix-vector kernel. On Intel CPUs it beats oneDNN's packed kernel at batch 1 (by ~25%);
   on other vendors MKL takes a generic code path and the packed kernel is ~1.7x faster.
 
 Where neither library kernel reads weights at memory speed, the compiled step uses Inductor's own loops
-(llama_gen.fast.gemv); llama_gen.fast.step.cpu_weight_layout makes the choice.
+(llama_gen.fast.gemv). llama_gen.fast.layout.choose_layout makes every choice from these facts, once, at load
+time.
 """
 
 import functools
 import platform
-
-import torch
-
-from llama_gen.devices import has_native_bf16_matmul
 
 
 @functools.cache
@@ -41,8 +39,3 @@ def cpu_vendor() -> str:
 def mkl_gemv_is_fastest() -> bool:
     """True when MKL's float32 kernel on the plain weight layout is the fastest for a single row (Intel x86)."""
     return platform.machine().lower() in ("x86_64", "amd64") and cpu_vendor() == "GenuineIntel"
-
-
-def matmul_dtype() -> torch.dtype:
-    """The dtype to run a many-row matmul of dequantized int8 weights in: bf16 where it is native, else float32."""
-    return torch.bfloat16 if has_native_bf16_matmul() else torch.float32

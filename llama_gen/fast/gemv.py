@@ -9,33 +9,25 @@ element once for all rows, accumulating in float32. Measured on an AVX2 AMD EPYC
 SmolLM2-135M step, benchmarks/RESULTS.md): float32, 1 row, 18 ms vs 40 ms (MKL) and 24 ms (oneDNN-packed);
 bf16, 8 rows, 42 ms vs 112 ms; int8, 1 row, 9 ms vs 19 ms (``_weight_int8pack_mm``).
 
-Only compiled code takes this form; eager calls and prompts (many rows) use the library kernels.
+Only compiled code takes this form; eager calls and prompts (many rows) use the library kernels. Up to how many
+rows it pays is a property of the CPU, decided at load time (llama_gen.fast.layout) and given to each layer.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_gen.fast.cpu import has_native_bf16_matmul
 from llama_gen.fast.memory import replace_modules
 
-MAX_ROWS = 8  # more rows: a matmul kernel does better (and the unrolled loop body grows with every row)
-# int8's loop body is four times longer per row: at 8 rows the default model took 8 minutes to compile and ran
-# no faster end to end than the int8 kernel (batch 8: 181 vs 178 tok/s); at one row the loops are ~2x faster.
-INT8_MAX_ROWS = 1
-# bf16 where the CPU has native bf16 matmuls: all linears of a default-model step (AVX512-BF16 AMD EPYC) take
-# 11.7 / 15.6 / 26.6 ms as loops at 2 / 4 / 8 rows and 24.6 / 23.2 / 23.9 ms with oneDNN's kernel.
-NATIVE_BF16_MAX_ROWS = 4
 
+def uses_loops(x: torch.Tensor, in_features: int, max_rows: int) -> bool:
+    """True when a product of x (``[..., in_features]``) by a weight is written as loops: in compiled code, for
+    up to max_rows rows.
 
-def loop_max_rows(dtype: torch.dtype) -> int:
-    """Returns up to how many rows a product with a weight of this dtype runs as loops in compiled code."""
-    return NATIVE_BF16_MAX_ROWS if dtype == torch.bfloat16 and has_native_bf16_matmul() else MAX_ROWS
-
-
-def uses_loops(x: torch.Tensor, in_features: int, max_rows: int = MAX_ROWS) -> bool:
-    """True when a product of x (``[..., in_features]``) by a weight should be written as loops (see module doc)."""
-    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() // in_features <= max_rows
+    Asked on every call, and the only choice left to a call: one layer serves both prompts (eager, many rows:
+    the library kernels) and decode steps (compiled, a few rows), and only the call knows which it is.
+    """
+    return torch.compiler.is_compiling() and x.numel() // in_features <= max_rows
 
 
 def _stored_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -91,11 +83,11 @@ def loop_int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
 class GemvLinear(nn.Module):
     """A bias-free linear layer (weight ``[out, in]``) computed by loop_linear in compiled code for a few rows."""
 
-    def __init__(self, weight: nn.Parameter):
+    def __init__(self, weight: nn.Parameter, max_rows: int):
         super().__init__()
         self.weight = weight
         self.out_features, self.in_features = weight.shape
-        self.max_rows = loop_max_rows(weight.dtype)  # asked here: compiled code cannot ask the CPU
+        self.max_rows = max_rows  # compiled products of up to this many rows run as loops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if uses_loops(x, self.in_features, self.max_rows):
@@ -106,9 +98,9 @@ class GemvLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}, gemv"
 
 
-def use_gemv_linears(model: nn.Module) -> nn.Module:
+def use_gemv_linears(model: nn.Module, max_rows: int) -> nn.Module:
     """Replaces every bias-free CPU float32/bf16 ``nn.Linear`` by a GemvLinear sharing its weight (in place; no
-    copy); returns the model."""
+    copy), running loops for up to max_rows rows; returns the model."""
     replace_modules(
         model,
         lambda m: (
@@ -117,6 +109,6 @@ def use_gemv_linears(model: nn.Module) -> nn.Module:
             and m.weight.device.type == "cpu"
             and m.weight.dtype in (torch.float32, torch.bfloat16)
         ),
-        lambda m: GemvLinear(m.weight),
+        lambda m: GemvLinear(m.weight, max_rows),
     )
     return model

@@ -19,7 +19,7 @@ import weakref
 import torch
 from torch import nn
 
-from llama_gen.fast.cpu import has_native_bf16_matmul
+from llama_gen.devices import has_native_bf16_matmul
 from llama_gen.fast.memory import replace_modules
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)

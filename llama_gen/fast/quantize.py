@@ -3,23 +3,23 @@
 Each weight row ``w[n, :]`` is stored as int8 ``q[n, :]`` with one scale ``s[n] = max|w[n, :]| / 127``, so
 ``w ≈ q * s[:, None]``. Activations keep the model's dtype. Matmuls use PyTorch's own kernels: on CPU
 ``torch.ops.aten._weight_int8pack_mm`` (fed bf16 activations: its float32 variant is not vectorized) for the few
-rows of a decode step (for one row in compiled code, Inductor's own loops instead: llama_gen.fast.gemv, ~2x faster on
-AVX2), and for prompts (many rows) the int8 weight converted to bf16 once and bf16's matmul, or float32's on a
-CPU without native bf16 matmuls (llama_gen.fast.cpu) (measured ~9x faster at 512 rows with bf16, ~2x with float32:
-the int8 kernel's cost grows with every row); elsewhere
-``F.linear(x, q.to(x.dtype)) * s`` (the gpt-fast formulation, which ``torch.compile`` fuses into one kernel).
+rows of a decode step (for one row in compiled code, Inductor's own loops instead: llama_gen.fast.gemv, ~2x
+faster on AVX2), and for prompts (many rows) the int8 weight converted to bf16 once and bf16's matmul, or
+float32's on a CPU without native bf16 matmuls (measured ~9x faster at 512 rows with bf16, ~2x with float32:
+the int8 kernel's cost grows with every row); elsewhere ``F.linear(x, q.to(x.dtype)) * s`` (the gpt-fast
+formulation, which ``torch.compile`` fuses into one kernel). Which of these the CPU gets is decided once at load
+time (llama_gen.fast.layout.choose_layout) and handed to every layer as an Int8Kernels.
 Weights are quantized one at a time and the float weight's memory-mapped pages are dropped right after, so
 the float and int8 models never coexist in memory.
 """
 
-import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_gen.fast.cpu import matmul_dtype
-from llama_gen.fast.gemv import INT8_MAX_ROWS, loop_int8_linear, uses_loops
+from llama_gen.fast.gemv import loop_int8_linear, uses_loops
 from llama_gen.fast.memory import replace_modules
 from llama_gen.model import Transformer
 
@@ -42,36 +42,47 @@ def quantize_rows(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.T
     return q, scales
 
 
+@dataclass(frozen=True)
+class Int8Kernels:
+    """What an Int8Linear multiplies with on CPU, chosen for the CPU at load time (llama_gen.fast.layout)."""
+
+    prompt_dtype: torch.dtype  # from DEQUANTIZE_MIN_ROWS rows on: the weight converted to this dtype, its matmul
+    loop_rows: int  # compiled code: products of up to this many rows run as Inductor's loops (0: never)
+
+
 class Int8Linear(nn.Module):
     """A bias-free linear layer with an int8 weight ``[out, in]`` and per-output-channel scales ``[out]``."""
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, kernels: Int8Kernels):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.register_buffer("scales_bf16", scales.to(torch.bfloat16))  # for the CPU kernel (see forward)
-        self.prompt_dtype = matmul_dtype()  # asked here: compiled code cannot ask the CPU
+        self.kernels = kernels
+        # the loops read the weight as 32-bit words of four int8 values (gemv.loop_int8_linear)
+        self.max_rows = kernels.loop_rows if self.in_features % 4 == 0 else 0
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype, kernels: Int8Kernels) -> "Int8Linear":
+        """Returns the layer quantized from linear's weight, its scales in ``dtype`` (the activations')."""
         q, scales = quantize_rows(linear.weight)
-        return cls(q, scales.to(dtype))
+        return cls(q, scales.to(dtype), kernels)
 
     @classmethod
     def concat(cls, parts: list["Int8Linear"]) -> "Int8Linear":
         """Returns one layer computing ``torch.cat([p(x) for p in parts], -1)`` (per-row scales concatenate)."""
-        return cls(torch.cat([p.weight for p in parts]), torch.cat([p.scales for p in parts]))
+        return cls(torch.cat([p.weight for p in parts]), torch.cat([p.scales for p in parts]), parts[0].kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return F.linear(x, self.weight.to(x.dtype)) * self.scales
-        if self.in_features % 4 == 0 and sys.byteorder == "little" and uses_loops(x, self.in_features, INT8_MAX_ROWS):
+        if uses_loops(x, self.in_features, self.max_rows):
             return loop_int8_linear(x, self.weight, self.scales)
         # PyTorch's CPU int8 kernel is vectorized for bf16 (and fp16) activations, not for float32.
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if flat.shape[0] >= DEQUANTIZE_MIN_ROWS:
-            dtype = self.prompt_dtype  # int8 values are exact in bf16 and float32
+            dtype = self.kernels.prompt_dtype  # int8 values are exact in bf16 and float32
             out = F.linear(flat.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)
         else:
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales_bf16)
@@ -99,17 +110,21 @@ class Int8Embedding(nn.Module):
         return rows * F.embedding(tokens, self.scales[:, None])
 
 
-def quantize_int8(model: Transformer, dtype: torch.dtype | None = None) -> Transformer:
+def quantize_int8(model: Transformer, kernels: Int8Kernels) -> Transformer:
     """Replaces every plain ``nn.Linear`` and ``nn.Embedding`` by its int8 version (in place); returns the model.
 
-    ``dtype`` is the activation dtype the scales are stored in (default: the norm weights' dtype). Norm
-    weights, rotary table and KV cache are untouched.
+    The scales are stored in the activations' dtype (the norm weights'); norm weights, rotary table and KV
+    cache are untouched.
     """
-    dtype = dtype or model.norm.weight.dtype
+    dtype = model.norm.weight.dtype
     replace_modules(
         model,
         lambda m: type(m) in (nn.Linear, nn.Embedding),
-        lambda m: Int8Linear.from_linear(m, dtype) if type(m) is nn.Linear else Int8Embedding.from_embedding(m, dtype),
+        lambda m: (
+            Int8Linear.from_linear(m, dtype, kernels)
+            if type(m) is nn.Linear
+            else Int8Embedding.from_embedding(m, dtype)
+        ),
     )
     return model
 
@@ -120,11 +135,12 @@ def check_quantization(method: str | None) -> None:
         raise ValueError(f"unknown quantization {method!r}: use one of {', '.join(QUANTIZATIONS)} (or none)")
 
 
-def quantize(model: Transformer, method: str | None) -> Transformer:
-    """Applies a quantization by name ("int8"), or nothing for None; returns the model."""
+def quantize(model: Transformer, method: str | None, kernels: Int8Kernels) -> Transformer:
+    """Applies a quantization by name ("int8", its layers multiplying with ``kernels``), or nothing for None;
+    returns the model."""
     if method is None:
         return model
     check_quantization(method)
     if any(type(m).__module__.startswith("fairscale") for m in model.modules()):
         raise ValueError("int8 quantization needs model_parallel_size=1 (plain nn.Linear layers)")
-    return quantize_int8(model)
+    return quantize_int8(model, kernels)

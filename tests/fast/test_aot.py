@@ -1,0 +1,68 @@
+"""llama_gen.fast.aot: the decode step built ahead of time in a child process, loaded without the compiler."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import LLAMA2_TOKENIZER
+from test_engine import PROMPTS, build
+
+from llama_gen.fast import layout
+from llama_gen.fast.packed import PackedLinear
+
+
+def test_aot_int8_step_matches_torch_compile_and_never_imports_the_compiler(tiny_checkpoints, tmp_path, monkeypatch):
+    # The generating process loads the package built by a child process: the compiler is never imported.
+    _, ckpt = tiny_checkpoints["gqa"]
+    code = (
+        f"import sys, torch; from llama_gen import Llama; "
+        f"llama = Llama.build({str(ckpt)!r}, tokenizer_path={str(LLAMA2_TOKENIZER)!r}, max_seq_len=64, "
+        f"max_batch_size=1, device='cpu', quantize='int8', compile=True); "
+        f"assert llama.forward.aot is not None; "
+        f"out = llama.text_completion(['Hello there'], max_gen_len=10, temperature=0, logprobs=True)[0]; "
+        f"import json; print(json.dumps([out['generation'], out['logprobs']])); "
+        f"print(any(m.startswith(('torch._inductor', 'torch._dynamo')) for m in sys.modules))"
+    )
+    env = {**os.environ, "LLAMA_GEN_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    output, imported = result.stdout.strip().splitlines()[-2:]
+    assert imported == "False"
+    assert "compiling the decode step ahead of time" in result.stderr and list(tmp_path.glob("aot/*.pt2"))
+    # the same generation with torch.compile in this process (same Inductor loops, same numbers)
+    monkeypatch.setenv("LLAMA_GEN_AOT", "0")
+    llama = build(ckpt, compile=True, quantize="int8", max_seq_len=64, max_batch_size=1)
+    assert llama.forward.aot is None
+    expected = llama.text_completion(["Hello there"], max_gen_len=10, temperature=0, logprobs=True)[0]
+    generation, logprobs = json.loads(output)
+    assert generation == expected["generation"]
+    assert torch.allclose(torch.tensor(logprobs), torch.tensor(expected["logprobs"]), atol=1e-4)
+
+
+def test_aot_step_with_packed_weights_equals_eager(tiny_checkpoints, monkeypatch):
+    # Packed weights are reached through each layer's key buffer, bound when the package is loaded: the child
+    # process that built the package numbered its layers from 0, this process (after the layer below) does not.
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("PyTorch built without oneDNN: nothing to pack")
+    PackedLinear(torch.randn(8, 8), batch_size=1)
+    monkeypatch.setenv("LLAMA_GEN_AOT", "1")
+    monkeypatch.setattr(layout, "cpu_weight_layout", lambda model: "packed")  # the child gets it with the Layout
+    _, ckpt = tiny_checkpoints["gqa"]
+    expected, _ = build(ckpt, max_batch_size=2).generate(PROMPTS[:2], max_gen_len=10, temperature=0)
+    packed = build(ckpt, max_batch_size=2, compile=True)
+    assert packed.forward.aot is not None and any(type(m) is PackedLinear for m in packed.model.modules())
+    got, _ = packed.generate(PROMPTS[:2], max_gen_len=10, temperature=0)
+    assert got == expected
+
+
+def test_compiled_step_reaches_the_end_of_the_cache(tiny_checkpoints):
+    # the last windows cover the whole cache (the exporter specializes that case unless the cache is padded)
+    _, ckpt = tiny_checkpoints["gqa"]
+    eager = build(ckpt, max_seq_len=40, max_batch_size=2)
+    fast = build(ckpt, max_seq_len=40, max_batch_size=2, compile=True)
+    expected, _ = eager.generate(PROMPTS[:2], max_gen_len=40, temperature=0)
+    got, _ = fast.generate(PROMPTS[:2], max_gen_len=40, temperature=0)
+    assert got == expected and max(len(p) + len(g) for p, g in zip(PROMPTS[:2], got)) == 40

@@ -1,0 +1,26 @@
+"""llama_gen.fast.gemv: products of a few rows written as Inductor's own loops in compiled code."""
+
+import pytest
+import torch
+
+from llama_gen.fast.gemv import GemvLinear, use_gemv_linears
+from llama_gen.fast.layout import gemv_max_rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_linear_matches_f_linear_eager_and_compiled(dtype):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96, bias=False, dtype=dtype)
+    model = use_gemv_linears(torch.nn.Sequential(layer, torch.nn.Linear(96, 8, bias=True)), gemv_max_rows(dtype))
+    assert isinstance(model[0], GemvLinear) and model[0].weight is layer.weight  # shared, not copied
+    assert type(model[1]) is torch.nn.Linear  # bias: left as it is
+    gemv = model[0]
+    compiled = torch.compile(lambda x: torch.relu(gemv(x)) + 1, fullgraph=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for shape in [(1, 64), (8, 1, 64), (2, 4, 64), (20, 64)]:  # 20 rows: past MAX_ROWS, F.linear
+        x = torch.randn(shape).to(dtype)
+        assert torch.equal(gemv(x), torch.nn.functional.linear(x, layer.weight))  # eager: the library kernel
+        expected = torch.relu(torch.nn.functional.linear(x.float(), layer.weight.float())) + 1
+        got = compiled(x)
+        assert got.dtype == dtype and got.shape == (*shape[:-1], 96)
+        assert (got.float() - expected).abs().max().item() <= tol * expected.abs().max().item()
