@@ -7,7 +7,6 @@ time, each source's pages dropped as it goes, so loading never holds two copies 
 
 import contextlib
 import ctypes
-import functools
 import json
 import mmap
 import re
@@ -130,13 +129,10 @@ def check_shapes(
         raise ValueError(f"checkpoint does not match its params ({where}; {summary}):\n  {shown}")
 
 
-@functools.cache
-def libc() -> ctypes.CDLL | None:
-    """The C library of this process, or None where it cannot be loaded."""
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
+try:  # for madvise and malloc_trim (release_pages, release_freed_memory); None where there is no C library
+    LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    LIBC = None
 
 
 def release_pages(tensor: torch.Tensor) -> None:
@@ -146,19 +142,18 @@ def release_pages(tensor: torch.Tensor) -> None:
     file is unmapped. When a weight is replaced by a fused or quantized copy, dropping its pages keeps the
     peak at one copy of the weights. Data is never changed: anonymous pages without swap are left in place.
     """
-    c = libc()
-    if c is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+    if LIBC is None or tensor.device.type != "cpu" or tensor.numel() == 0:
         return
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
     first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
-        c.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+        LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
 
 
 def release_freed_memory() -> None:
     """Returns memory freed by the C allocator to the OS (glibc keeps freed heap pages resident otherwise)."""
-    trim = getattr(libc(), "malloc_trim", None)  # glibc only
+    trim = getattr(LIBC, "malloc_trim", None)  # glibc only
     if trim is not None:
         trim(0)
 

@@ -5,8 +5,10 @@ controls, stop strings, per-call seeds, batching beyond ``max_batch_size`` and e
 takes ``options=GenerationOptions(...)``; the reference's arguments override its fields.
 """
 
+import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -80,7 +82,11 @@ class Llama:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         warn_if_slow(device, dtype)
-        ckpt_dir = Path(ckpt_dir).expanduser() if ckpt_dir is not None else default_checkpoint()
+        if ckpt_dir is None:
+            from llama_gen.convert import ensure_default_model  # the lazy hook into the conversion layer
+
+            ckpt_dir = ensure_default_model()  # converted on first use
+        ckpt_dir = Path(ckpt_dir).expanduser()
         start = time.time()
         mp_size = parallel.init_distributed(model_parallel_size, device)
         torch.manual_seed(seed)  # every rank must sample the same tokens
@@ -128,6 +134,7 @@ class Llama:
         config_eos = self.generation_config.get("eos_token_id") or []
         config_eos = [config_eos] if isinstance(config_eos, int) else list(config_eos)
         self.eos_ids = list(dict.fromkeys([*tokenizer.eos_ids, *config_eos]))
+        self._lock, self._owner = threading.Lock(), None  # one KV cache: one generation at a time (exclusive())
 
     @property
     def device(self) -> torch.device:
@@ -144,7 +151,7 @@ class Llama:
         before the first EOS (or stop token sequence); with echo it starts with the prompt.
         """
         opts = GenerationOptions.from_call(options, more, GENERATE_ARGS, args)
-        results = self._run(prompt_tokens, self._settings(opts, track_text=False))
+        results = self._run(prompt_tokens, self.resolve(opts, track_text=False))
         return [r.tokens for r in results], ([r.logprobs for r in results] if opts.logprobs else None)
 
     def text_completion(
@@ -154,7 +161,7 @@ class Llama:
         and logprobs. Positional arguments: temperature, top_p, max_gen_len, logprobs, echo; keywords: any
         GenerationOptions field (top_k, min_p, stop, seed, ...)."""
         opts = GenerationOptions.from_call(options, more, COMPLETION_ARGS, args)
-        results = self._run(self.encode_prompts(prompts), self._settings(opts))
+        results = self._run(self.encode_prompts(prompts), self.resolve(opts))
         return [self._prediction((p if opts.echo else "") + r.text, r, opts) for p, r in zip(prompts, results)]
 
     def chat_completion(
@@ -165,7 +172,7 @@ class Llama:
         GenerationOptions field."""
         opts = GenerationOptions.from_call(more.pop("options", None), more, CHAT_ARGS, args)
         prompt_tokens, fmt = self.encode_dialogs(dialogs, chat_format)
-        results = self._run(prompt_tokens, self._settings(opts, fmt.stop_ids(self.tokenizer)))
+        results = self._run(prompt_tokens, self.resolve(opts, fmt.stop_ids(self.tokenizer)))
         return [self._prediction({"role": "assistant", "content": r.text}, r, opts) for r in results]
 
     # ---- streaming: the same loop, its news handed out after every step ---------------------------------------
@@ -178,7 +185,7 @@ class Llama:
         computation stops. Concatenating a prompt's chunks gives exactly the text text_completion returns.
         """
         opts = GenerationOptions.from_call(options, more)
-        return self._stream(self.encode_prompts(prompts), self._settings(opts))
+        return self._stream(self.encode_prompts(prompts), self.resolve(opts))
 
     def stream_chat_completion(
         self, dialogs: list[Dialog], options: GenerationOptions | None = None, **more: Any
@@ -187,7 +194,7 @@ class Llama:
         keywords: ``chat_format`` or any GenerationOptions field."""
         prompt_tokens, fmt = self.encode_dialogs(dialogs, more.pop("chat_format", None))
         opts = GenerationOptions.from_call(options, more)
-        return self._stream(prompt_tokens, self._settings(opts, fmt.stop_ids(self.tokenizer)))
+        return self._stream(prompt_tokens, self.resolve(opts, fmt.stop_ids(self.tokenizer)))
 
     # ---- prompts --------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -223,10 +230,9 @@ class Llama:
         return fmt
 
     # ---- running the loop -----------------------------------------------------------------------------
-    def _settings(
-        self, opts: GenerationOptions, chat_stop_ids: Sequence[int] = (), track_text: bool = True
-    ) -> Settings:
-        """Resolves options against the checkpoint's defaults and this model's window."""
+    def resolve(self, opts: GenerationOptions, chat_stop_ids: Sequence[int] = (), track_text: bool = True) -> Settings:
+        """Returns what the loop needs of options: resolved against the checkpoint's defaults and this model's window,
+        with the chat format's stop ids, and a generator of their seed (None: the process's)."""
         max_gen_len = opts.max_gen_len
         if max_gen_len is None:
             max_gen_len = self.generation_config.get("max_new_tokens") or self.model.args.max_seq_len - 1
@@ -236,24 +242,47 @@ class Llama:
 
     def _batches(self, prompt_tokens: Sequence[Sequence[int]], settings: Settings) -> Iterator[PaddedBatch]:
         """Yields the prompts in groups of max_batch_size, each made a PaddedBatch when its turn comes."""
-        self._check_prompt_tokens(prompt_tokens)
+        self.check_prompt_tokens(prompt_tokens)
         size = self.model.args.max_batch_size
         groups = [(i, [list(t) for t in prompt_tokens[i : i + size]]) for i in range(0, len(prompt_tokens), size)]
         return (PaddedBatch(self, prompts, settings, first_index=i) for i, prompts in groups)
 
     def _stream(self, prompt_tokens: Sequence[Sequence[int]], settings: Settings) -> Iterator[list[StreamChunk]]:
-        batches = self._batches(prompt_tokens, settings)  # validated now, before the caller iterates
-        return (chunks for batch in batches for chunks in batch.steps())
+        return self._steps(self._batches(prompt_tokens, settings))  # validated now, before the caller iterates
+
+    def _steps(self, batches: Iterator[PaddedBatch]) -> Iterator[list[StreamChunk]]:
+        with self.exclusive():
+            for batch in batches:
+                yield from batch.steps()
 
     def _run(self, prompt_tokens: Sequence[Sequence[int]], settings: Settings) -> list[Result]:
         results = []
-        for batch in self._batches(prompt_tokens, settings):
-            for _ in batch.steps():
-                pass
-            results += batch.results()
+        with self.exclusive():
+            for batch in self._batches(prompt_tokens, settings):
+                for _ in batch.steps():
+                    pass
+                results += batch.results()
         return results
 
-    def _check_prompt_tokens(self, prompt_tokens: Sequence[Sequence[int]]) -> None:
+    @contextlib.contextmanager
+    def exclusive(self, wait: bool = True) -> Iterator[None]:
+        """Holds the model's one KV cache: other threads wait their turn (so concurrent calls are serialized, never
+        mixed); the thread already holding it (two unfinished streams interleaved), or any with ``wait=False`` while
+        another holds it, gets a RuntimeError instead."""
+        msg = "finish or close its stream first, or serve concurrent requests with llama_gen.serve.Engine"
+        if self._owner == threading.get_ident():
+            raise RuntimeError(f"this Llama is already generating in this thread: {msg}")
+        if not self._lock.acquire(blocking=wait):
+            raise RuntimeError(f"this Llama is generating in another thread (a serving engine?): {msg}")
+        self._owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._owner = None
+            self._lock.release()
+
+    def check_prompt_tokens(self, prompt_tokens: Sequence[Sequence[int]]) -> None:
+        """Raises ValueError (which prompt, what is wrong, what to do) unless every prompt fits this model."""
         _check_list(prompt_tokens, "prompt_tokens")
         max_seq_len, vocab = self.model.args.max_seq_len, self.model.args.vocab_size
         for i, tokens in enumerate(prompt_tokens):
@@ -279,10 +308,3 @@ class Llama:
 def _check_list(items: Sequence, what: str) -> None:
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
         raise ValueError(f"{what} must be a list; wrap a single prompt in a list: [{what[:-1]}]")
-
-
-def default_checkpoint() -> Path:
-    """Returns the default model's checkpoint directory, converting it on first use."""
-    from llama_gen.convert import ensure_default_model  # the lazy hook into the optional conversion layer
-
-    return Path(ensure_default_model())

@@ -112,22 +112,13 @@ def release_groups() -> None:
     gc.collect()  # the dropped groups go now, while the interpreter is fully alive
 
 
-def _keep(weight: torch.Tensor) -> torch.Tensor:
-    """fairscale init hook that leaves the weight alone: real values come from the checkpoint."""
-    return weight
-
-
-def _skip_master_weight(*args, **kwargs) -> None:
-    """Replaces fairscale's ``_initialize_affine_weight``, which builds and splits a full (out, in) tensor."""
-    return None
-
-
 @contextlib.contextmanager
 def _no_master_weights() -> Iterator[None]:
+    """Skips fairscale's ``_initialize_affine_weight``, which builds and splits a full (out, in) tensor."""
     from fairscale.nn.model_parallel import layers
 
     original = layers._initialize_affine_weight
-    layers._initialize_affine_weight = _skip_master_weight
+    layers._initialize_affine_weight = lambda *args, **kwargs: None
     try:
         yield
     finally:
@@ -138,7 +129,7 @@ def _fairscale(cls: type, *args, **kwargs) -> nn.Module:
     """Returns a fairscale layer with uninitialized local weights on the default device (meta inside
     ``with torch.device("meta")``), never allocating the full master weight."""
     with _no_master_weights():
-        module = cls(*args, init_method=_keep, **kwargs)
+        module = cls(*args, init_method=lambda weight: weight, **kwargs)  # the checkpoint brings the values
     return module.to_empty(device=torch.get_default_device())
 
 

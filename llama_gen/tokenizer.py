@@ -169,13 +169,6 @@ class TiktokenTokenizer(Tokenizer):
         return self.special_tokens[token]
 
 
-def _token_content(value: object) -> str | None:
-    # tokenizer_config.json writes special tokens as "text" or {"content": "text", ...}.
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer.json.
 
@@ -211,8 +204,9 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{config_path} is not valid JSON: {e}") from e
 
         def from_config(key: str) -> int | None:
-            token = _token_content(config.get(key))
-            if token is None:
+            token = config.get(key)  # tokenizer_config.json writes "text" or {"content": "text", ...}
+            token = token.get("content") if isinstance(token, dict) else token
+            if not isinstance(token, str):
                 return None
             i = self.model.token_to_id(token)
             if i is None:

@@ -136,8 +136,8 @@ BAD_CALLS = {
 def test_bad_input_raises_before_compute(tiny_llama, case, monkeypatch):
     _, llama = tiny_llama
     call, message = BAD_CALLS[case]
-    counter = CountingForward(llama.model.forward)
-    monkeypatch.setattr(llama.model, "forward", counter)
+    counter = CountingForward(llama.forward)  # what the loop runs the model with
+    monkeypatch.setattr(llama, "forward", counter)
     with pytest.raises(ValueError) as err:
         call(llama)
     assert message.lower() in str(err.value).lower()

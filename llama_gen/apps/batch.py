@@ -6,24 +6,41 @@
 Input: ``.txt`` (one prompt per line, id = line number; blank lines ignored) or ``.jsonl`` records
 ``{"id": ..., "prompt": "..."}`` (text completion) or ``{"id": ..., "dialog": [...]}`` (chat), each optionally
 with its own temperature, top_p, top_k, min_p, repetition_penalty, max_gen_len, stop, seed (a missing id is
-the line number). Records with the same settings share batches; within those, prompts of similar length do.
+the line number). Malformed lines, and prompts longer than --max_seq_len, are reported and skipped (--strict:
+the run stops before any compute).
+
+Running: with the model on one rank (no model parallel) every record goes to a serving engine (llama_gen.serve):
+continuous batching, where records with any settings share each decode step and a finished record's row takes
+the next at once. With model parallel (several ranks per replica) records go through Llama's static batches
+(same settings, similar lengths; a record that samples runs alone).
+
+Exact resume: a record that samples draws from its own generator, seeded by its "seed", else by a hash of the
+run's --seed and its id, so its output depends only on the record, its settings and --seed (not on which records
+ran with it or before it): a run killed and rerun writes what an uninterrupted run writes.
 
 Output (default: ``PROMPTS.out.jsonl`` next to the input): one line per prompt with id, generation,
-finish_reason, prompt_tokens, completion_tokens (and tokens, logprobs with --logprobs). Each batch's lines are
-written, flushed and fsynced when it finishes, so rerunning the same command after a crash or ``kill -9``
-skips the ids already written (a torn last line is dropped) and every prompt ends up exactly once.
+finish_reason, prompt_tokens, completion_tokens (and tokens, logprobs with --logprobs). Each line is written,
+flushed and fsynced as its prompt finishes, so rerunning the same command after a crash or ``kill -9`` skips the
+ids already written (a torn last line is dropped) and every prompt ends up exactly once; at the end the output is
+put in input order. ``OUT.meta.json`` records the model (checkpoint directory, params.json digest, weights size,
+tokenizer) and the settings (sampling flags given, --seed, --max_seq_len, dtype, quantize, chat_format,
+logprobs) it was made with: a rerun with others says which differ and stops with status 2, before any work,
+unless ``--force`` (then the records already written stay, the rest are made with the new ones, and the sidecar
+keeps the old ones under "earlier"). A run that writes no record leaves neither file.
 
-Data parallel: with W processes and model_parallel_size M there are W/M replicas; the pending batches are
+Data parallel: with W processes and model_parallel_size M there are W/M replicas; the pending records are
 dealt round-robin, each replica's first rank appends to ``OUT.part-<replica>``, and rank 0 merges the parts
 into OUT at the end (and at the start of a rerun, which is how parts left by a crash are resumed).
 """
 
-import fcntl
+import functools
+import hashlib
 import json
-import os
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -31,206 +48,62 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from llama_gen import parallel
+from llama_gen.apps.batch_files import (
+    Record,
+    append_lines,
+    check_duplicates,
+    check_meta,
+    discard_if_empty,
+    lock_output,
+    merge_parts,
+    model_identity,
+    read_output,
+    read_prompts,
+    sort_output,
+)
 from llama_gen.apps.errors import friendly_errors
 from llama_gen.apps.flags import (
     MODEL_FLAGS,
     REQUIRED,
     SAMPLING_FLAGS,
-    SETTINGS,
     STOP_FLAG,
     Flag,
     check_model_flags,
     check_sampling_flags,
     model_flags,
-    sampling_settings,
     select,
     takes,
 )
-from llama_gen.devices import resolve_device
+from llama_gen.devices import resolve_device, resolve_dtype
 from llama_gen.generation import Llama
+from llama_gen.options import GenerationOptions
+from llama_gen.serve import Engine
 
-KNOWN_KEYS = {"id", "prompt", "dialog", *SETTINGS}
 FILE_FLAGS = (
     Flag("prompts", REQUIRED, str, ".txt file (one prompt per line) or .jsonl file of prompt or dialog records"),
     Flag("output", None, str | None, "the JSONL output (default: PROMPTS.out.jsonl next to the input)"),
 )
 OUTPUT_FLAGS = (
     Flag("logprobs", False, bool, "also write each generated token and its logprob"),
-    Flag("strict", False, bool, "stop before any compute when a line is malformed (default: skip it)"),
+    Flag("strict", False, bool, "stop before any compute when a line is malformed or too long (default: skip it)"),
+    Flag(
+        "force",
+        False,
+        bool,
+        "go on with an output made with another model or other settings (OUT.meta.json says which): the records "
+        "already written stay as they are",
+    ),
 )
 
 
-@dataclass
-class Record:
-    id: Any  # as given in the input (an int line number for .txt)
-    line: int
-    prompt: str | None = None
-    dialog: list | None = None
-    settings: dict = field(default_factory=dict)
-    n_tokens: int = 0
-
-    @property
-    def key(self) -> str:
-        """Returns the id as canonical JSON (so 1 and "1" stay different ids)."""
-        return json.dumps(self.id)
-
-    @property
-    def kind(self) -> str:
-        return "prompt" if self.prompt is not None else "dialog"
+# ---- settings and seeds ------------------------------------------------------------------------------
 
 
-# ---- reading the input ------------------------------------------------------------------------------
-
-
-def parse_jsonl_line(text: str, line: int, unknown: set) -> Record:
-    """Returns the Record on one JSONL line; raises ValueError saying what is wrong with it."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    rid = obj.get("id", line)
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise ValueError(f"id must be a string or an integer, got {rid!r}")
-    if ("prompt" in obj) == ("dialog" in obj):
-        raise ValueError('needs exactly one of "prompt" (text completion) or "dialog" (chat)')
-    if "prompt" in obj and not isinstance(obj["prompt"], str):
-        raise ValueError(f"prompt must be a string, got {type(obj['prompt']).__name__}")
-    if "dialog" in obj and (not isinstance(obj["dialog"], list) or not obj["dialog"]):
-        raise ValueError('dialog must be a non-empty list of {"role": ..., "content": ...} messages')
-    settings = sampling_settings(obj)  # raises ValueError naming a bad setting
-    unknown.update(set(obj) - KNOWN_KEYS)
-    return Record(rid, line, obj.get("prompt"), obj.get("dialog"), settings)
-
-
-def read_prompts(path: Path) -> tuple[list[Record], list[tuple[int, str]], set]:
-    """Returns (records, malformed lines as (line number, reason), unknown field names) of a .txt or .jsonl file."""
-    if path.suffix not in (".txt", ".jsonl"):
-        raise ValueError(f"{path}: prompt files must end in .txt (one prompt per line) or .jsonl")
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found")
-    records, bad, unknown = [], [], set()
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                bad.append((number, f"not UTF-8 ({e})"))
-                continue
-            if not text.strip():
-                continue
-            if path.suffix == ".txt":
-                records.append(Record(number, number, prompt=text))
-                continue
-            try:
-                records.append(parse_jsonl_line(text, number, unknown))
-            except ValueError as e:
-                bad.append((number, str(e)))
-    return records, bad, unknown
-
-
-def check_duplicates(records: list[Record], path: Path) -> None:
-    """Raises ValueError listing ids that occur more than once (with their line numbers)."""
-    lines: dict[str, list[int]] = {}
-    for r in records:
-        lines.setdefault(r.key, []).append(r.line)
-    dups = {k: v for k, v in lines.items() if len(v) > 1}
-    if dups:
-        shown = "; ".join(f"id {k} on lines {', '.join(map(str, v))}" for k, v in list(dups.items())[:5])
-        more = f" (and {len(dups) - 5} more)" if len(dups) > 5 else ""
-        raise ValueError(f"{path}: {len(dups)} duplicate ids: {shown}{more}; ids must be unique for resuming")
-
-
-# ---- the output file ----------------------------------------------------------------------------------
-
-
-def read_output(path: Path, repair: bool) -> dict[str, dict]:
-    """Returns {id key: record} of a JSONL output; a torn last line (from a kill) is dropped, and with repair
-    also cut from the file. Raises ValueError on a damaged line elsewhere."""
-    if not path.is_file():
-        return {}
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        if repair:
-            with open(path, "r+b") as f:
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
-        data = data[:end]
-    done = {}
-    for number, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-            done[json.dumps(obj["id"])] = obj
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{path}:{number} is not an output record; fix or remove that line, then rerun") from None
-    return done
-
-
-def append_lines(f, objs: list[dict]) -> None:
-    """Appends objs as JSON lines to the open file f, then flushes and fsyncs it; returns None."""
-    f.write("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs))
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def part_paths(output: Path) -> list[Path]:
-    """Returns the per-replica part files of output that exist."""
-    return sorted(output.parent.glob(output.name + ".part-*"))
-
-
-def merge_parts(output: Path) -> int:
-    """Appends the records of output's part files that output lacks, then deletes the parts; returns how many."""
-    done = read_output(output, repair=True)
-    added = 0
-    with open(output, "a", encoding="utf-8") as f:
-        for part in part_paths(output):
-            new = [obj for key, obj in read_output(part, repair=False).items() if key not in done]
-            append_lines(f, new)
-            done.update((json.dumps(o["id"]), o) for o in new)
-            added += len(new)
-    for part in part_paths(output):
-        part.unlink()
-    return added
-
-
-def sort_output(output: Path, order: list[str]) -> None:
-    """Rewrites output in input order (unknown ids last) through an atomic rename; returns None."""
-    done = read_output(output, repair=True)
-    rank = {key: i for i, key in enumerate(order)}
-    keys = list(done)
-    ordered = sorted(keys, key=lambda k: rank.get(k, len(order)))
-    if ordered == keys:
-        return
-    tmp = output.with_name(output.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        append_lines(f, [done[k] for k in ordered])
-    os.replace(tmp, output)
-
-
-def lock_output(output: Path):
-    """Returns the open output file, exclusively locked so two runs cannot write it at once."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    f = open(output, "a", encoding="utf-8")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise ValueError(f"another run is writing {output}; wait for it or choose another --output") from None
-    return f
-
-
-# ---- batching ----------------------------------------------------------------------------------------
-
-
-def encode_records(llama, records: list[Record], chat_format: str | None) -> list[tuple[int, str]]:
-    """Fills each record's n_tokens; returns (line, reason) for records the model cannot take (they are removed)."""
+def encode_records(llama, records: list[Record], chat_format: str | None) -> tuple[list, list]:
+    """Fills each record's n_tokens; returns (malformed, too long): the (line, reason) of each record the model
+    cannot take (they are removed from records)."""
     max_seq_len = llama.model.args.max_seq_len
-    bad, keep = [], []
+    bad, too_long, keep = [], [], []
     for r in records:
         try:
             if r.kind == "prompt":
@@ -240,26 +113,104 @@ def encode_records(llama, records: list[Record], chat_format: str | None) -> lis
         except ValueError as e:
             bad.append((r.line, str(e)))
             continue
-        if not tokens or len(tokens) > max_seq_len:
-            bad.append((r.line, f"prompt has {len(tokens)} tokens; it must have 1 to max_seq_len={max_seq_len}"))
-            continue
-        r.n_tokens = len(tokens)
-        keep.append(r)
+        if not tokens:
+            bad.append((r.line, "the prompt encodes to no token"))
+        elif len(tokens) > max_seq_len:
+            reason = f"prompt has {len(tokens)} tokens but max_seq_len is {max_seq_len}: shorten it or raise it"
+            too_long.append((r.line, reason))
+        else:
+            r.n_tokens = len(tokens)
+            keep.append(r)
     records[:] = keep
-    return bad
+    return bad, too_long
 
 
-def make_batches(records: list[Record], defaults: dict, max_batch_size: int) -> list[tuple[dict, list[Record]]]:
-    """Returns (settings, records) batches: same kind and settings per batch, sorted by prompt length."""
+def record_seed(run_seed: int, rid: Any) -> int:
+    """Returns the seed of a record that has none: a hash of the run's --seed and the record's id only, in
+    [0, 2**63) (torch.Generator's range), so its output does not depend on what ran with it or before it."""
+    digest = hashlib.sha256(json.dumps([run_seed, rid]).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def record_settings(r: Record, defaults: dict, run_seed: int, config: dict) -> dict:
+    """Returns record r's generation settings: its own, else the command line's (defaults), with its seed (its own,
+    else record_seed) when it samples; a greedy record has none (it draws nothing). config: the checkpoint's
+    generation_config (its defaults decide whether a record samples)."""
+    settings = {**defaults, **r.settings}
+    if GenerationOptions(**settings).sampling(config).temperature == 0:
+        settings.pop("seed", None)
+    else:
+        settings.setdefault("seed", record_seed(run_seed, r.id))
+    return settings
+
+
+def output_record(rid: Any, text: str, pred: dict, tokens: list[str] | None) -> dict:
+    """Returns the output line of one record (pred: finish_reason, prompt_tokens, completion_tokens, logprobs)."""
+    obj = {"id": rid, "generation": text}
+    obj.update((k, pred[k]) for k in ("finish_reason", "prompt_tokens", "completion_tokens"))
+    if tokens is not None:
+        obj.update(tokens=tokens, logprobs=pred["logprobs"])
+    return obj
+
+
+# ---- the serving engine (a model on one rank) ----------------------------------------------------------------
+
+
+def submit_record(engine: Engine, r: Record, settings: dict, chat_format: str | None, logprobs: bool):
+    """Returns the handle of record r's request to engine."""
+    if r.kind == "prompt":
+        return engine.submit_text(r.prompt, logprobs=logprobs, **settings)
+    return engine.submit_chat(r.dialog, chat_format=chat_format, logprobs=logprobs, **settings)
+
+
+def engine_outcome(handle, rid: Any, tokenizer, logprobs: bool) -> dict | Exception:
+    """Waits for one request; returns its output record, or the error it failed with."""
+    try:
+        done = handle.result()
+    except Exception as e:  # noqa: BLE001 - this record fails alone; a rerun retries it
+        return e
+    tokens = [tokenizer.decode([t]) for t in done.tokens] if logprobs else None
+    return output_record(rid, done.text, vars(done), tokens)
+
+
+def run_on_engine(llama: Llama, records: list[Record], settings_of: Callable, run: dict, on_done: Callable) -> None:
+    """Runs records on a serving engine (continuous batching: every record with its own settings and seed, all
+    sharing each decode step, a finished one's row refilled at once); calls on_done with the (record, output
+    record or error) pairs of the records that finish, as they do. run: the chat_format and logprobs flags."""
+    window = 2 * llama.model.args.max_batch_size + 2  # requests in the engine: every row busy, more waiting
+    todo = iter(records)
+    with ThreadPoolExecutor(window, "complete") as pool, Engine(llama, max_queue=window) as engine:
+        running: dict[Future, Record] = {}
+        while True:
+            for r in islice(todo, window - len(running)):
+                try:
+                    handle = submit_record(engine, r, settings_of(r), run["chat_format"], run["logprobs"])
+                except Exception as e:  # noqa: BLE001 - this record fails alone
+                    on_done([(r, e)])
+                    continue
+                running[pool.submit(engine_outcome, handle, r.id, llama.tokenizer, run["logprobs"])] = r
+            if not running:
+                return
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            on_done(sorted(((running.pop(f), f.result()) for f in finished), key=lambda pair: pair[0].line))
+
+
+# ---- static batches (a model split over several ranks) --------------------------------------------------------
+
+
+def make_batches(records: list[Record], settings_of: Callable, max_batch_size: int) -> list[tuple[dict, list]]:
+    """Returns (settings, records) batches: same kind and settings per batch, sorted by prompt length. A record
+    that samples runs alone (its own seed: a batch's one generator would tie its draws to its batch-mates')."""
     groups: dict[str, tuple[dict, list[Record]]] = {}
     for r in records:
-        settings = {**defaults, **r.settings, "kind": r.kind}
+        settings = {**settings_of(r), "kind": r.kind}
         key = json.dumps(settings, sort_keys=True)
         groups.setdefault(key, (settings, []))[1].append(r)
     batches = []
     for settings, group in groups.values():
         group.sort(key=lambda r: (r.n_tokens, r.line))
-        batches += [(settings, group[i : i + max_batch_size]) for i in range(0, len(group), max_batch_size)]
+        size = 1 if "seed" in settings else max_batch_size
+        batches += [(settings, group[i : i + size]) for i in range(0, len(group), size)]
     return batches
 
 
@@ -272,110 +223,131 @@ def run_batch(llama, settings: dict, batch: list[Record], chat_format: str | Non
     else:
         preds = llama.chat_completion([r.dialog for r in batch], logprobs=logprobs, chat_format=chat_format, **kw)
         texts = [p["generation"]["content"] for p in preds]
-    out = []
-    for r, p, text in zip(batch, preds, texts):
-        obj = {
-            "id": r.id,
-            "generation": text,
-            "finish_reason": p["finish_reason"],
-            "prompt_tokens": p["prompt_tokens"],
-            "completion_tokens": p["completion_tokens"],
-        }
-        if logprobs:
-            obj.update(tokens=p["tokens"], logprobs=p["logprobs"])
-        out.append(obj)
-    return out
+    return [output_record(r.id, text, p, p.get("tokens")) for r, p, text in zip(batch, preds, texts)]
+
+
+def run_static(llama: Llama, records: list[Record], settings_of: Callable, run: dict, on_done: Callable) -> None:
+    """Runs records in static batches through Llama.text_completion / chat_completion (every rank of the model
+    runs the same batches); calls on_done with each batch's (record, output record) pairs."""
+    for settings, batch in make_batches(records, settings_of, llama.model.args.max_batch_size):
+        on_done(list(zip(batch, run_batch(llama, settings, batch, run["chat_format"], run["logprobs"]))))
 
 
 # ---- distributed helpers ----------------------------------------------------------------------------
 
 
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def data_parallel() -> tuple[int, int, bool]:
     """Returns (replica index, number of replicas, whether this rank writes its replica's results)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return 0, 1, True
-    if hasattr(parallel, "data_parallel_rank") and hasattr(parallel, "data_parallel_world_size"):
-        dp_rank, dp_world = parallel.data_parallel_rank(), parallel.data_parallel_world_size()
-    else:
-        from fairscale.nn.model_parallel import initialize as fs_init
-
-        dp_rank, dp_world = fs_init.get_data_parallel_rank(), fs_init.get_data_parallel_world_size()
-    return dp_rank, dp_world, parallel.model_parallel_rank() == 0
+    return parallel.data_parallel_rank(), parallel.data_parallel_world_size(), parallel.model_parallel_rank() == 0
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def use_engine() -> bool:
+    """Whether records run on the serving engine: when the model is not split over several ranks (the engine
+    runs in one process); with model parallel they go through Llama's static batches."""
+    return parallel.model_parallel_world_size() == 1
 
 
 def global_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if distributed() else 0
+
+
+def on_rank0(fn: Callable[[], Any]) -> Any:
+    """Returns fn() on rank 0 (None on the other ranks), once every rank is here; when it raises, every rank
+    raises (rank 0 its error, the others a ValueError saying the same)."""
+    result, error = None, None
+    if global_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    if distributed():
+        box = [None if error is None else str(error)]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            raise ValueError(box[0])
+    if error is not None:
+        raise error
+    return result
 
 
 def report(path: Path, bad: list[tuple[int, str]]) -> None:
-    """Prints one 'file:line: reason' per malformed record to stderr (rank 0 only); returns None."""
+    """Prints one 'file:line: skipped: reason' per record left out to stderr (rank 0 only); returns None."""
     if global_rank() == 0:
-        for line, reason in bad:
+        for line, reason in sorted(bad):
             print(f"{path}:{line}: skipped: {reason}", file=sys.stderr)
 
 
-def complete_share(
-    llama, batches: list[tuple[dict, list[Record]]], out: Path, main_file, chat_format: str | None, logprobs: bool
-) -> tuple[int, int]:
-    """Runs this replica's share of the batches (round-robin), appending each batch's lines as it finishes;
-    returns (prompts written, prompts whose batch failed)."""
-    dp_rank, dp_world, writer = data_parallel()
-    mine = batches[dp_rank::dp_world]
-    target = out if dp_world == 1 else out.with_name(f"{out.name}.part-{dp_rank}")
-    sink = None
-    if writer:
-        sink = main_file if dp_world == 1 else open(target, "a", encoding="utf-8")
-    written = failed = n_tokens = 0
-    start = time.time()
-    bar = tqdm(
-        total=sum(len(b) for _, b in mine),
-        desc="complete" if dp_world == 1 else f"replica 0/{dp_world}",
-        unit="prompt",
-        file=sys.stderr,
-        disable=global_rank() != 0,
-        dynamic_ncols=True,
-    )
-    for settings, batch in mine:
-        try:
-            objs = run_batch(llama, settings, batch, chat_format, logprobs)
-        except KeyboardInterrupt:
-            bar.close()
-            print(
-                f"interrupted after {written} prompts (all written to {target}); rerun the same command "
-                "to finish the rest",
-                file=sys.stderr,
-            )
-            sys.exit(130)
-        except Exception as e:  # noqa: BLE001 - report and go on; a rerun retries these ids
-            if parallel.model_parallel_world_size() > 1:
-                raise  # the other ranks of this replica are mid-collective: stopping is the only safe move
-            failed += len(batch)
-            print(f"batch of ids {[r.id for r in batch][:8]} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            continue
-        if sink is not None:
-            append_lines(sink, objs)
-        written += len(objs)
-        n_tokens += sum(o["completion_tokens"] for o in objs)
-        bar.update(len(objs))
-        bar.set_postfix_str(f"{n_tokens / max(time.time() - start, 1e-9):.1f} tok/s", refresh=False)
-    bar.close()
-    if sink is not None and sink is not main_file:
-        sink.close()
-    return (written, failed) if writer else (0, 0)
+class ShareWriter:
+    """Appends one replica's finished records to OUT (or its part file, opened at its first record) as they
+    finish, counts them and shows the progress (prompts done, tok/s); called with (record, output or error) pairs."""
+
+    def __init__(self, out: Path, main_file, total: int):
+        dp_rank, dp_world, self.writes = data_parallel()
+        self.target = out if dp_world == 1 else out.with_name(f"{out.name}.part-{dp_rank}")
+        self.main_file = self.sink = main_file if dp_world == 1 else None
+        self.written = self.failed = self.n_tokens = 0
+        self.start = time.time()
+        desc = "complete" if dp_world == 1 else f"replica 0/{dp_world}"
+        self.bar = tqdm(total=total, desc=desc, unit="prompt", file=sys.stderr, disable=global_rank() != 0)
+
+    def __call__(self, results: list[tuple[Record, dict | Exception]]) -> None:
+        objs = [obj for _, obj in results if isinstance(obj, dict)]
+        for r, error in results:
+            if isinstance(error, Exception):
+                tqdm.write(f"id {json.dumps(r.id)} failed: {type(error).__name__}: {error}", file=sys.stderr)
+                self.failed += 1
+        if objs and self.writes:
+            if self.sink is None:
+                self.sink = open(self.target, "a", encoding="utf-8")
+            append_lines(self.sink, objs)
+        self.written += len(objs)
+        self.n_tokens += sum(o["completion_tokens"] for o in objs)
+        self.bar.update(len(results))
+        self.bar.set_postfix_str(f"{self.n_tokens / max(time.time() - self.start, 1e-9):.1f} tok/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.sink is not None and self.sink is not self.main_file:
+            self.sink.close()
+
+
+def complete_share(llama, pending: list[Record], out: Path, main_file, settings_of: Callable, run: dict):
+    """Runs this replica's share of the pending records (round-robin), on the serving engine unless the model is
+    split over several ranks, appending each record's line as it finishes; returns (prompts written, prompts
+    failed) on the ranks that write, else (0, 0)."""
+    dp_rank, dp_world, writes = data_parallel()
+    mine = pending[dp_rank::dp_world]
+    writer = ShareWriter(out, main_file, len(mine))
+    try:
+        (run_on_engine if use_engine() else run_static)(llama, mine, settings_of, run, writer)
+    except KeyboardInterrupt:
+        writer.close()
+        print(
+            f"interrupted after {writer.written} prompts (all written to {writer.target}); rerun the same command "
+            "to finish the rest",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    writer.close()
+    return (writer.written, writer.failed) if writes else (0, 0)
 
 
 def sum_over_writers(written: int, failed: int) -> tuple[int, int]:
     """Returns the totals of (written, failed) over all ranks (each replica counted once by its writer)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return written, failed
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (written, failed))
     return sum(g[0] for g in gathered), sum(g[1] for g in gathered)
+
+
+# ---- the run ------------------------------------------------------------------------------------------
 
 
 def input_output(prompts: str, output: str | None) -> tuple[Path, Path]:
@@ -397,30 +369,78 @@ def read_input(path: Path, strict: bool) -> tuple[list[Record], list[tuple[int, 
     return records, bad, unknown
 
 
-def open_output(out: Path):
-    """Returns (the locked output file on rank 0, else None; {id key: record} already done), once every rank
-    is here; rank 0 first merges the part files a crashed data-parallel run left."""
-    lock = None
-    if global_rank() == 0:
+def checkpoint_dir(ckpt_dir: Any) -> Path:
+    """Returns the checkpoint directory to load: ckpt_dir, else the default model's (converted on first use)."""
+    if ckpt_dir is None:
+        from llama_gen.convert import ensure_default_model
+
+        return Path(ensure_default_model())
+    return Path(str(ckpt_dir)).expanduser()
+
+
+def run_meta(values: dict, defaults: dict) -> dict:
+    """Returns the sidecar of this run: the model, and every setting its records depend on (the sampling flags
+    given, --seed, and the flags that change what the model computes)."""
+    dtype = str(resolve_dtype(values["dtype"], values["device"])).removeprefix("torch.")
+    settings = {**defaults, "seed": values["seed"], "dtype": dtype}
+    settings.update((k, values[k]) for k in ("max_seq_len", "quantize", "chat_format", "logprobs"))
+    return {"model": model_identity(values["ckpt_dir"], values["tokenizer_path"]), "settings": settings}
+
+
+def open_output(out: Path, meta: Callable[[], dict], force: bool):
+    """Returns the locked output file on rank 0 (else None), once every rank is here: rank 0 first merges the part
+    files a crashed data-parallel run left and checks that what is written was made with this run's model and
+    settings (ValueError unless force); OUT.meta.json records them."""
+
+    def prepare():
         lock = lock_output(out)
-        merge_parts(out)
-    barrier()
-    return lock, read_output(out, repair=False)
+        try:
+            merge_parts(out)
+            check_meta(out, meta(), len(read_output(out, repair=False)), force)
+        except BaseException:
+            discard_if_empty(out)
+            lock.close()
+            raise
+        return lock
+
+    return on_rank0(prepare)
 
 
-def encode_or_fail(llama, pending: list[Record], path: Path, values: dict) -> list[tuple[int, str]]:
-    """Returns encode_records' (line, reason) list; with --strict raises ValueError if it is not empty."""
-    bad = encode_records(llama, pending, values["chat_format"])
-    if values["strict"] and bad:
-        report(path, bad)
-        raise ValueError(f"{path}: {len(bad)} prompts the model cannot take; fix them or drop --strict")
-    return bad
+def encode_or_fail(llama, pending: list[Record], path: Path, values: dict) -> tuple[list, list]:
+    """Returns encode_records' (malformed, too long) lists; with --strict raises ValueError if either is not empty."""
+    bad, too_long = encode_records(llama, pending, values["chat_format"])
+    if values["strict"] and (bad or too_long):
+        report(path, bad + too_long)
+        raise ValueError(
+            f"{path}: {len(bad) + len(too_long)} prompts the model cannot take ({len(too_long)} too long); "
+            "fix them or drop --strict"
+        )
+    return bad, too_long
+
+
+def complete_pending(values: dict, defaults: dict, path: Path, out: Path, lock, pending: list[Record]) -> tuple:
+    """Loads the model and completes this replica's share of pending; returns (written, failed) summed over the
+    replicas, and the (line, reason) lists of the prompts it left out as malformed and as too long."""
+    written = failed = 0
+    bad, too_long = [], []
+    if pending:
+        llama = Llama.build(**model_flags(values))
+        bad, too_long = encode_or_fail(llama, pending, path, values)
+        report(path, bad + too_long)
+        settings_of = functools.partial(
+            record_settings, defaults=defaults, run_seed=values["seed"], config=llama.generation_config
+        )
+        written, failed = complete_share(llama, pending, out, lock, settings_of, values)
+    written, failed = sum_over_writers(written, failed)
+    return written, failed, bad, too_long
 
 
 def close_output(out: Path, records: list[Record], lock) -> None:
-    """Merges the replicas' parts into out, puts it in input order and releases the lock (rank 0); returns None."""
+    """Merges the replicas' parts into out, puts it in input order (or removes it, and its sidecar, if it holds no
+    record) and releases the lock (rank 0); returns None."""
     merge_parts(out)
     sort_output(out, [r.key for r in records])
+    discard_if_empty(out)
     lock.close()
 
 
@@ -430,9 +450,11 @@ def main(values: dict) -> None:
     """Completes every prompt of a .txt/.jsonl file not yet in the output; prints a summary, returns None.
 
     Command-line sampling settings are defaults that each JSONL record may override (left out: the
-    checkpoint's generation_config.json, then the library defaults). --seed seeds the run; a record's
-    "seed" seeds its batch. --strict stops before any compute when a line is malformed.
-    Exits with status 1 when a batch failed (rerun to retry it).
+    checkpoint's generation_config.json, then the library defaults). A record that samples draws from its own
+    generator, seeded by its "seed", else by a hash of --seed and its id: its output does not depend on the
+    others. --strict stops before any compute when a line is malformed or a prompt too long. A rerun on an output
+    made with another model or other settings (OUT.meta.json) stops with status 2 unless --force.
+    Exits with status 1 when a prompt failed (rerun to retry it).
     """
     path, out = input_output(values["prompts"], values["output"])
     check_model_flags(values)
@@ -440,26 +462,26 @@ def main(values: dict) -> None:
     records, bad, unknown = read_input(path, values["strict"])
     device = resolve_device(values["device"])
     parallel.init_distributed(values["model_parallel_size"], device)
-    lock, done = open_output(out)
+    values = {**values, "device": device, "ckpt_dir": checkpoint_dir(values["ckpt_dir"])}
+    lock = open_output(out, lambda: run_meta(values, defaults), values["force"])
+    done = read_output(out, repair=False)
     pending = [r for r in records if r.key not in done]
-    n_already = len(records) - len(pending)
-    start = time.time()
-    written = failed = 0
-    if pending:
-        llama = Llama.build(**{**model_flags(values), "device": device})
-        bad = sorted(bad + encode_or_fail(llama, pending, path, values))
     report(path, bad)
     if unknown and global_rank() == 0:
         print(f"{path}: ignored unknown fields {sorted(unknown)}", file=sys.stderr)
-    if pending:
-        batches = make_batches(pending, defaults, values["max_batch_size"])
-        written, failed = complete_share(llama, batches, out, lock, values["chat_format"], values["logprobs"])
-    written, failed = sum_over_writers(written, failed)
+    start = time.time()
+    try:
+        written, failed, bad_prompts, too_long = complete_pending(values, defaults, path, out, lock, pending)
+    except BaseException:
+        if lock is not None:
+            discard_if_empty(out)  # a run that wrote nothing leaves nothing
+        raise
     if global_rank() == 0:
         close_output(out, records, lock)
         print(
-            f"{path}: {written} done, {n_already} already done, {len(bad)} skipped (malformed), "
-            f"{failed} failed -> {out} ({time.time() - start:.1f} s)",
+            f"{path}: {written} done, {len(records) - len(pending)} already done, "
+            f"{len(bad) + len(bad_prompts)} skipped (malformed), {failed} failed, {len(too_long)} too long -> "
+            f"{out if out.is_file() else 'nothing written'} ({time.time() - start:.1f} s)",
             file=sys.stderr,
         )
     parallel.shutdown_distributed()

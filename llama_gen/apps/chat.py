@@ -3,8 +3,11 @@
     python scripts/chat.py [--ckpt_dir DIR] [--temperature 0.7] [--system "Be brief."] [--max_seq_len 2048]
     torchrun --nproc_per_node 2 scripts/chat.py --ckpt_dir DIR      # model parallel: rank 0 reads and prints
 
-The whole history is re-sent each turn. When it no longer fits in max_seq_len with room for a reply of
-max_gen_len tokens, the oldest user/assistant pairs are dropped (the system prompt is kept).
+Turns run on a serving engine (llama_gen.serve): each reuses the cache of the conversation so far, so only the
+new turn is prefilled (under torchrun, the whole dialog runs each turn). When the history no longer fits in
+max_seq_len with room for a reply of max_gen_len tokens, the oldest user/assistant pairs are dropped (the system
+prompt is kept). A reply that fails (say, out of memory) is kept as far as it got, with the error, and the chat
+goes on.
 
 Ctrl-C while a reply streams stops that reply (kept in the history as far as it got); Ctrl-C or Ctrl-D at the
 prompt quits. Under torchrun, rank 0 decides: after every decoding step it broadcasts whether to stop, so all
@@ -35,11 +38,11 @@ from llama_gen.apps.flags import (
     select,
     takes,
 )
-from llama_gen.chat_format import ChatFormat, Dialog, Message
 from llama_gen.generation import Llama
 from llama_gen.loop import StreamChunk
-from llama_gen.options import GenerationOptions
 from llama_gen.parallel import shutdown_distributed
+from llama_gen.serve import Engine
+from llama_gen.serve.chat import ChatSession
 
 HELP = """commands:
   /reset          forget the conversation (the system prompt stays)
@@ -119,55 +122,10 @@ class StopOnInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-class ChatSession:
-    """A conversation: system prompt, history of user/assistant pairs, and the token budget they must fit."""
+class TerminalChat(ChatSession):
+    """The library's ChatSession, plus what the terminal says only once (that old turns are being dropped)."""
 
-    def __init__(
-        self, llama: Llama, max_gen_len: int, system: str | None = None, chat_format: str | None = None, **sampling
-    ) -> None:
-        self.llama = llama
-        self.fmt: ChatFormat = llama.get_chat_format(chat_format)
-        self.max_gen_len = max_gen_len
-        self.max_prompt_len = llama.model.args.max_seq_len - max_gen_len
-        self.system = system
-        self.options = GenerationOptions(max_gen_len=max_gen_len, **sampling)
-        self.history: list[Message] = []  # user, assistant, user, assistant, ...
-        self.trim_told = False
-
-    def dialog(self, turns: list[Message]) -> Dialog:
-        """Returns turns with the system prompt (if any) in front."""
-        return ([{"role": "system", "content": self.system}] if self.system else []) + turns
-
-    def prompt_len(self, turns: list[Message]) -> int:
-        """Returns the number of prompt tokens the chat format makes of the system prompt plus turns."""
-        return len(self.fmt.encode_dialog(self.llama.tokenizer, self.dialog(turns)))
-
-    def fit(self, text: str) -> tuple[int, int]:
-        """Returns (user/assistant pairs to drop so the history plus text fits, prompt tokens after dropping).
-
-        When even text alone (with the system prompt) is too long, the pair count is -1.
-        """
-        user: Message = {"role": "user", "content": text}
-        self.fmt.validate(self.dialog([user]))  # reserved tags etc.: a ValueError for the caller to show
-        for drop in range(len(self.history) // 2 + 1):
-            n = self.prompt_len(self.history[2 * drop :] + [user])
-            if n <= self.max_prompt_len:
-                return drop, n
-        return -1, n
-
-    def stream(self, text: str, drop: int) -> Iterator[list[StreamChunk]]:
-        """Returns the reply stream for text after dropping the ``drop`` oldest pairs."""
-        dialog = self.dialog(self.history[2 * drop :] + [{"role": "user", "content": text}])
-        return self.llama.stream_chat_completion([dialog], options=self.options, chat_format=self.fmt.name)
-
-    def commit(self, text: str, reply: str, drop: int) -> None:
-        """Drops the oldest pairs and records the exchange; returns None."""
-        for tag in getattr(self.fmt, "special_tags", []):
-            reply = reply.replace(tag, "")  # so the next turn's dialog stays valid
-        self.history = self.history[2 * drop :] + [
-            {"role": "user", "content": text},
-            {"role": "assistant", "content": reply},
-        ]
+    trim_told = False
 
 
 def run_command(line: str, session: ChatSession, channel: Channel) -> bool:
@@ -197,6 +155,7 @@ class Streamed:
     finish_reason: str | None = None
     n_tokens: int = 0
     stopped: bool = False  # by Ctrl-C
+    error: Exception | None = None  # what ended the reply early (the engine went on)
     first_at: float | None = None  # perf_counter() when the first visible text arrived
 
 
@@ -247,6 +206,10 @@ def show_stream(stream: Iterator[list[StreamChunk]], channel: Channel) -> Stream
         if getattr(channel, "distributed", False):
             raise  # the other ranks are mid-step: leaving this rank alone would desynchronize them
         out.stopped = True
+    except Exception as error:  # noqa: BLE001 - a failed step (out of memory, ...): keep what came, go on
+        if getattr(channel, "distributed", False):
+            raise
+        out.error = error
     finally:
         stream.close()
     out.text = "".join(parts)
@@ -269,7 +232,9 @@ def reply(session: ChatSession, channel: Channel, text: str, show_stats: bool) -
     end = time.perf_counter()
     session.commit(text, out.text, drop)
     channel.say()
-    if out.stopped:
+    if out.error is not None:
+        channel.say(f"[error: {type(out.error).__name__}: {out.error}; the reply is kept as far as it got]")
+    elif out.stopped:
         channel.say("[stopped]")
     elif out.finish_reason == "length":
         channel.say(f"[cut at max_gen_len={session.max_gen_len} tokens or max_seq_len]")
@@ -348,10 +313,15 @@ def main(values: dict) -> None:
             pass
     warm_up(llama, channel)
     system = None if values["system"] is None else str(values["system"])
-    session = ChatSession(llama, system=system, chat_format=values["chat_format"], **settings)
+    # One process: the turns run on a serving engine, so each reuses the cache of the turns before it (only the new
+    # turn is prefilled). Model parallel: the reference loop on every rank (the engine runs one process).
+    engine = None if channel.distributed else Engine(llama)
+    session = TerminalChat(llama, system=system, chat_format=values["chat_format"], engine=engine, **settings)
     channel.say(
         f"(chat format {session.fmt.name}, max_seq_len={values['max_seq_len']}, max_gen_len={session.max_gen_len}; "
         "/help for commands, Ctrl-D to quit)"
     )
     chat_loop(session, channel, values["show_stats"] and not values["quiet_stats"])
+    if engine is not None:
+        engine.close()
     shutdown_distributed()

@@ -145,7 +145,7 @@ def build_package(spec: dict, path: Path) -> None:
     args = model.args
     step = StepModule(model, causal_mask(args.max_seq_len, torch.device("cpu")))
     tokens = torch.zeros(spec["batch_size"], 1, dtype=torch.long)
-    example = (tokens, torch.tensor([0]), torch.empty(min(64, args.max_seq_len)))
+    example = (tokens, torch.zeros(spec["batch_size"], dtype=torch.long), torch.empty(min(64, args.max_seq_len)))
     window = Dim("window", min=2, max=args.max_seq_len)
     with torch.no_grad():
         program = export(

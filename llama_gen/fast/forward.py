@@ -87,7 +87,7 @@ class FastForward:
             return self.model.forward(tokens, start_pos, last_only=last_only)  # (its error message)
         if seqlen > 1:
             return self.prefill(tokens, start_pos, last_only)
-        return self._decode(tokens, start_pos, self.window(start_pos))
+        return self._decode(tokens, self.positions[start_pos].expand(bsz), self.window(start_pos))
 
     def prefill(self, tokens: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
         """Returns model.forward's logits for a prompt, run eagerly in chunks of about PREFILL_ROWS tokens in all.
@@ -120,10 +120,18 @@ class FastForward:
             return (bsz, 0)  # one package per batch size, every window included
         return (bsz, window) if self.static_windows or window == self.model.args.max_seq_len else (bsz, 0)
 
-    def _decode(self, tokens: torch.Tensor, pos: int, window: int) -> torch.Tensor:
-        input_pos = self.positions[pos : pos + 1].clone()  # a device tensor: no recompilation per position
-        # A fresh [b, 1] copy: a column of generate's token matrix has a stride that changes with the
-        # generation's length, and the compiled step is specialized on strides (it would recompile).
+    @torch.inference_mode()
+    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+        """Returns float32 logits ``[b, 1, vocab]`` for tokens ``[b, 1]``, row i at position ``positions[i]``,
+        attending over the first ``window`` cache positions (from attention_window of the largest position that
+        matters; a row whose position lies beyond it is a placeholder whose output nobody reads)."""
+        return self._decode(tokens, positions, window)
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+        # Fresh device tensors, with the same strides every call: the compiled step is specialized on strides, and
+        # a column of generate's token matrix (or an expanded position) has strides that change (it would
+        # recompile). A device tensor of positions: no recompilation per position either.
+        input_pos = torch.empty(positions.shape, dtype=positions.dtype, device=positions.device).copy_(positions)
         tokens = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device).copy_(tokens)
         mask_columns = self.mask[:, :window]
         if self.compiled and not self.static_windows and self.aot is None:
@@ -136,7 +144,7 @@ class FastForward:
         except AotBuildError as error:  # nothing lost: compile in this process instead
             warnings.warn(f"{error}\nCompiling the decode step in-process with torch.compile instead.", stacklevel=2)
             self.aot, self.step = None, self.torch_compiled_step(None, None)
-            return self._decode(tokens, pos, window)
+            return self._decode(tokens, positions, window)
         if first:
             self.compile_seconds[key] = time.perf_counter() - start
             free_compiler_memory()
@@ -158,5 +166,6 @@ class FastForward:
             tokens = torch.zeros(bsz, 1, dtype=torch.long, device=self.positions.device)
             for window in windows:
                 if self.graph_key(bsz, window) not in self.compile_seconds:
-                    self._decode(tokens, 0, window)  # position 0, attending over `window` positions
+                    # position 0, attending over `window` positions
+                    self._decode(tokens, self.positions[:1].expand(bsz), window)
         return time.perf_counter() - start

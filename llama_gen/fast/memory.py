@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import torch
 
-from llama_gen.checkpoint import libc, release_freed_memory, release_pages
+from llama_gen.checkpoint import LIBC, release_freed_memory, release_pages
 
 _MADV_HUGEPAGE = 14  # back this anonymous range with transparent huge pages where the kernel allows it
 HUGE_PAGE = 2 << 20
@@ -32,9 +32,8 @@ def huge_page_tensors(specs: list[tuple[torch.Size, torch.dtype]]) -> list[torch
     skip = -raw.data_ptr() % HUGE_PAGE
     arena = raw[skip : skip + total]
     whole_pages = total // HUGE_PAGE * HUGE_PAGE  # a partial last page stays small: no memory beyond `total`
-    c = libc()
-    if c is not None and whole_pages:
-        c.madvise(ctypes.c_void_p(arena.data_ptr()), ctypes.c_size_t(whole_pages), _MADV_HUGEPAGE)
+    if LIBC is not None and whole_pages:
+        LIBC.madvise(ctypes.c_void_p(arena.data_ptr()), ctypes.c_size_t(whole_pages), _MADV_HUGEPAGE)
     return [
         arena[offset : offset + nbytes].view(dtype).view(shape)
         for (offset, nbytes), (shape, dtype) in zip(spans, specs)

@@ -1,5 +1,6 @@
 """Batch completion from prompt files: parsing, batching, exactly-once resumable output, data parallel."""
 
+import functools
 import json
 import os
 import random
@@ -14,7 +15,7 @@ import pytest
 from conftest import LLAMA2_TOKENIZER, REPO
 
 from llama_gen.apps import batch
-from llama_gen.apps.batch import Record, make_batches, merge_parts, read_output, read_prompts
+from llama_gen.apps.batch import Record, make_batches, merge_parts, read_output, read_prompts, record_settings
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 WORDS = "the quick brown fox jumps over a lazy dog and then runs far away into the night".split()
@@ -140,12 +141,20 @@ def test_batches_group_settings_and_sort_by_length():
     recs.append(Record(99, 99, dialog=[{"role": "user", "content": "x"}]))
     for r in recs:
         r.n_tokens = 20 - r.line if r.line < 20 else 5
-    batches = make_batches(recs, {"max_gen_len": 8}, 3)
+    settings_of = functools.partial(
+        record_settings, defaults={"max_gen_len": 8, "temperature": 0}, run_seed=1, config={}
+    )
+    batches = make_batches(recs, settings_of, 3)
     assert sum(len(b) for _, b in batches) == 11
     for settings, b in batches:
         assert len(b) <= 3 and len({json.dumps(r.settings) for r in b}) == 1 and len({r.kind for r in b}) == 1
-        assert settings["max_gen_len"] == 8 and settings.get("temperature") == b[0].settings.get("temperature")
+        assert settings["max_gen_len"] == 8 and settings["temperature"] == b[0].settings.get("temperature", 0)
         assert [r.n_tokens for r in b] == sorted(r.n_tokens for r in b)
+        # A record that samples runs alone, with its own seed (derived from the run's seed and its id).
+        assert ("seed" in settings) == (settings["temperature"] > 0) and (len(b) == 1 or "seed" not in settings)
+    seeds = [s["seed"] for s, _ in batches if "seed" in s]
+    assert len(seeds) == 4 and len(set(seeds)) == 4 and all(0 <= s < 2**63 for s in seeds)
+    assert [len(b) for s, b in batches if "seed" not in s and s["kind"] == "prompt"] == [3, 3]
 
 
 def test_malformed_lines_are_reported_and_skipped(tiny_checkpoints, tmp_path, capsys):

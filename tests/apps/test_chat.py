@@ -12,7 +12,7 @@ import pytest
 from conftest import LLAMA2_TOKENIZER, REPO
 
 from llama_gen.apps import chat as chat_app
-from llama_gen.apps.chat import ChatSession, StopOnInterrupt, chat_loop
+from llama_gen.apps.chat import StopOnInterrupt, TerminalChat, chat_loop
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -50,7 +50,7 @@ class FakeChannel:
 
 
 def session(llama, max_gen_len=16, **kw):
-    return ChatSession(llama, max_gen_len, temperature=0, **kw)
+    return TerminalChat(llama, max_gen_len, temperature=0, **kw)
 
 
 def test_history_is_resent_and_reset_forgets(tiny_llama):
