@@ -48,33 +48,24 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from llama_gen import parallel
+from llama_gen.apps import flags
 from llama_gen.apps.batch_files import (
     Record,
     append_lines,
     check_duplicates,
     check_meta,
     discard_if_empty,
+    input_output,
     lock_output,
     merge_parts,
-    model_identity,
     read_output,
     read_prompts,
+    run_meta,
     sort_output,
 )
 from llama_gen.apps.errors import friendly_errors
-from llama_gen.apps.flags import (
-    MODEL_FLAGS,
-    REQUIRED,
-    SAMPLING_FLAGS,
-    STOP_FLAG,
-    Flag,
-    check_model_flags,
-    check_sampling_flags,
-    model_flags,
-    select,
-    takes,
-)
-from llama_gen.devices import resolve_device, resolve_dtype
+from llama_gen.apps.flags import MODEL_FLAGS, REQUIRED, SAMPLING_FLAGS, STOP_FLAG, Flag, select, takes
+from llama_gen.devices import resolve_device
 from llama_gen.generation import Llama
 from llama_gen.options import GenerationOptions
 from llama_gen.serve import Engine
@@ -116,7 +107,9 @@ def encode_records(llama, records: list[Record], chat_format: str | None) -> tup
         if not tokens:
             bad.append((r.line, "the prompt encodes to no token"))
         elif len(tokens) > max_seq_len:
-            reason = f"prompt has {len(tokens)} tokens but max_seq_len is {max_seq_len}: shorten it or raise it"
+            reason = (
+                f"prompt has {len(tokens)} tokens but max_seq_len is {max_seq_len}: shorten it, or raise --max_seq_len"
+            )
             too_long.append((r.line, reason))
         else:
             r.n_tokens = len(tokens)
@@ -350,15 +343,6 @@ def sum_over_writers(written: int, failed: int) -> tuple[int, int]:
 # ---- the run ------------------------------------------------------------------------------------------
 
 
-def input_output(prompts: str, output: str | None) -> tuple[Path, Path]:
-    """Returns (the prompt file, the output file); raises ValueError when the output would overwrite the input."""
-    path = Path(str(prompts))
-    out = Path(str(output)) if output is not None else path.with_name(path.stem + ".out.jsonl")
-    if out.resolve() == path.resolve():
-        raise ValueError(f"--output {out} would overwrite the prompt file")
-    return path, out
-
-
 def read_input(path: Path, strict: bool) -> tuple[list[Record], list[tuple[int, str]], set]:
     """Returns read_prompts(path); raises ValueError on duplicate ids, and with strict on a malformed line."""
     records, bad, unknown = read_prompts(path)
@@ -376,15 +360,6 @@ def checkpoint_dir(ckpt_dir: Any) -> Path:
 
         return Path(ensure_default_model())
     return Path(str(ckpt_dir)).expanduser()
-
-
-def run_meta(values: dict, defaults: dict) -> dict:
-    """Returns the sidecar of this run: the model, and every setting its records depend on (the sampling flags
-    given, --seed, and the flags that change what the model computes)."""
-    dtype = str(resolve_dtype(values["dtype"], values["device"])).removeprefix("torch.")
-    settings = {**defaults, "seed": values["seed"], "dtype": dtype}
-    settings.update((k, values[k]) for k in ("max_seq_len", "quantize", "chat_format", "logprobs"))
-    return {"model": model_identity(values["ckpt_dir"], values["tokenizer_path"]), "settings": settings}
 
 
 def open_output(out: Path, meta: Callable[[], dict], force: bool):
@@ -424,7 +399,7 @@ def complete_pending(values: dict, defaults: dict, path: Path, out: Path, lock, 
     written = failed = 0
     bad, too_long = [], []
     if pending:
-        llama = Llama.build(**model_flags(values))
+        llama = Llama.build(**flags.model_flags(values))
         bad, too_long = encode_or_fail(llama, pending, path, values)
         report(path, bad + too_long)
         settings_of = functools.partial(
@@ -457,8 +432,8 @@ def main(values: dict) -> None:
     Exits with status 1 when a prompt failed (rerun to retry it).
     """
     path, out = input_output(values["prompts"], values["output"])
-    check_model_flags(values)
-    defaults = check_sampling_flags(values)
+    flags.check_model_flags(values)
+    defaults = flags.check_sampling_flags(values)
     records, bad, unknown = read_input(path, values["strict"])
     device = resolve_device(values["device"])
     parallel.init_distributed(values["model_parallel_size"], device)
@@ -466,6 +441,7 @@ def main(values: dict) -> None:
     lock = open_output(out, lambda: run_meta(values, defaults), values["force"])
     done = read_output(out, repair=False)
     pending = [r for r in records if r.key not in done]
+    n_already = len(records) - len(pending)
     report(path, bad)
     if unknown and global_rank() == 0:
         print(f"{path}: ignored unknown fields {sorted(unknown)}", file=sys.stderr)
@@ -479,7 +455,7 @@ def main(values: dict) -> None:
     if global_rank() == 0:
         close_output(out, records, lock)
         print(
-            f"{path}: {written} done, {len(records) - len(pending)} already done, "
+            f"{path}: {written} done, {n_already} already done, "
             f"{len(bad) + len(bad_prompts)} skipped (malformed), {failed} failed, {len(too_long)} too long -> "
             f"{out if out.is_file() else 'nothing written'} ({time.time() - start:.1f} s)",
             file=sys.stderr,

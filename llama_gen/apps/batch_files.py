@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_gen.apps.flags import SETTINGS, sampling_settings
+from llama_gen.devices import resolve_dtype
 
 META_SUFFIX = ".meta.json"
 KNOWN_KEYS = {"id", "prompt", "dialog", *SETTINGS}
@@ -103,6 +104,15 @@ def check_duplicates(records: list[Record], path: Path) -> None:
         shown = "; ".join(f"id {k} on lines {', '.join(map(str, v))}" for k, v in list(dups.items())[:5])
         more = f" (and {len(dups) - 5} more)" if len(dups) > 5 else ""
         raise ValueError(f"{path}: {len(dups)} duplicate ids: {shown}{more}; ids must be unique for resuming")
+
+
+def input_output(prompts: str, output: str | None) -> tuple[Path, Path]:
+    """Returns (the prompt file, the output file); raises ValueError when the output would overwrite the input."""
+    path = Path(str(prompts))
+    out = Path(str(output)) if output is not None else path.with_name(path.stem + ".out.jsonl")
+    if out.resolve() == path.resolve():
+        raise ValueError(f"--output {out} would overwrite the prompt file")
+    return path, out
 
 
 # ---- the output file ----------------------------------------------------------------------------------
@@ -291,3 +301,12 @@ def check_meta(output: Path, meta: dict, n_records: int, force: bool) -> None:
     print(f"{output}: --force: going on with other settings ({'; '.join(diffs)})", file=sys.stderr)
     earlier = old.pop("earlier", [])
     write_meta(output, {**meta, "earlier": [*earlier, old]})
+
+
+def run_meta(values: dict, defaults: dict) -> dict:
+    """Returns the sidecar of this run: the model, and every setting its records depend on (the sampling flags
+    given, --seed, and the flags that change what the model computes)."""
+    dtype = str(resolve_dtype(values["dtype"], values["device"])).removeprefix("torch.")
+    settings = {**defaults, "seed": values["seed"], "dtype": dtype}
+    settings.update((k, values[k]) for k in ("max_seq_len", "quantize", "chat_format", "logprobs"))
+    return {"model": model_identity(values["ckpt_dir"], values["tokenizer_path"]), "settings": settings}
