@@ -87,8 +87,8 @@ def run_worker(cfg: dict) -> dict:
         prompts = [cfg["prompt"][i * 7 : i * 7 + DECODE_PROMPT_LEN] for i in range(bsz)]
         outputs = engine.generate(prompts, new)  # warm-up (and the tokens we compare across engines)
         assert all(len(o) == new for o in outputs), [len(o) for o in outputs]
-        first = median_time(lambda: engine.generate(prompts, 1), runs)
-        full = median_time(lambda: engine.generate(prompts, new), runs)
+        first = median_time(lambda prompts=prompts: engine.generate(prompts, 1), runs)
+        full = median_time(lambda prompts=prompts: engine.generate(prompts, new), runs)
         # Decode speed excludes the prompt: (full - first token) time. With very few new tokens on a noisy
         # machine that difference can vanish; the table then shows "—" rather than a meaningless rate.
         tps = bsz * (new - 1) / (full - first) if full > first else None
@@ -268,7 +268,7 @@ def ratio_table(results: list[dict], batch_sizes: list[int]) -> str:
     for o in ours:
         for c in others:
 
-            def ratio(get):
+            def ratio(get, o=o, c=c):
                 a, b = get(o), get(c)
                 return fmt(a / b, ".2f") + "×" if a and b else "—"
 

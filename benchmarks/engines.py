@@ -241,7 +241,8 @@ def gguf_sizes(path: str) -> tuple[int, int, int, int]:
 def make_engine(
     name: str, spec: ModelSpec, device: str, threads: int, max_seq_len: int, max_batch: int, compile: bool
 ) -> Engine:
-    """name: ``ours:fp32`` / ``ours:int8`` / ``ours:fp32@1`` (built with max_batch_size=1) / ``hf:fp32`` / ``llamacpp``."""
+    """name: ``ours:fp32`` / ``ours:int8`` / ``ours:fp32@1`` (built with max_batch_size=1) / ``hf:fp32`` /
+    ``llamacpp``."""
     kind, _, variant = name.partition(":")
     if kind == "ours":
         variant, _, built_for = variant.partition("@")
