@@ -128,6 +128,7 @@ def bench_streams(args) -> None:
 def bench_memory(args) -> None:
     llama = build(args)
     with Engine(llama, prefill_chunk=args.prefill_chunk) as engine:
+
         def burst(n: int) -> None:
             handles = [
                 engine.submit_text(PROMPTS[i % len(PROMPTS)] + " " * (i % 7), max_gen_len=8 + i % 9, seed=i)
@@ -143,8 +144,10 @@ def bench_memory(args) -> None:
             rows.append((100 * (i + 1), rss_mib()))
     print(header(args))
     low, high = min(r for _, r in rows), max(r for _, r in rows)
-    print(f"resident memory after warm-up ({args.warmup} requests), every 100 requests: "
-          f"{', '.join(f'{r:.0f}' for _, r in rows)} MiB; spread {100 * (high - low) / low:.1f} %")
+    print(
+        f"resident memory after warm-up ({args.warmup} requests), every 100 requests: "
+        f"{', '.join(f'{r:.0f}' for _, r in rows)} MiB; spread {100 * (high - low) / low:.1f} %"
+    )
 
 
 def header(args) -> str:
