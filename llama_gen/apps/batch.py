@@ -9,10 +9,9 @@ with its own temperature, top_p, top_k, min_p, repetition_penalty, max_gen_len, 
 the line number). Malformed lines, and prompts longer than --max_seq_len, are reported and skipped (--strict:
 the run stops before any compute).
 
-Running: with the model on one rank (no model parallel) every record goes to a serving engine (llama_gen.serve):
-continuous batching, where records with any settings share each decode step and a finished record's row takes
-the next at once. With model parallel (several ranks per replica) records go through Llama's static batches
-(same settings, similar lengths; a record that samples runs alone).
+Running: every record goes to a serving engine (llama_gen.serve): continuous batching, where records with any
+settings share each decode step and a finished record's row takes the next at once. With model parallel (several
+ranks per replica) the replica's first rank runs the engine and the others make the same model calls.
 
 Exact resume: a record that samples draws from its own generator, seeded by its "seed", else by a hash of the
 run's --seed and its id, so its output depends only on the record, its settings and --seed (not on which records
@@ -64,11 +63,12 @@ from llama_gen.apps.batch_files import (
     sort_output,
 )
 from llama_gen.apps.errors import friendly_errors
-from llama_gen.apps.flags import MODEL_FLAGS, REQUIRED, SAMPLING_FLAGS, STOP_FLAG, Flag, select, takes
+from llama_gen.apps.flags import COMPILE_AUTO, MODEL_FLAGS, REQUIRED, SAMPLING_FLAGS, STOP_FLAG, Flag, select, takes
 from llama_gen.devices import resolve_device
 from llama_gen.generation import Llama
 from llama_gen.options import GenerationOptions
 from llama_gen.serve import Engine
+from llama_gen.serve.ranks import follow, schedules
 
 FILE_FLAGS = (
     Flag("prompts", REQUIRED, str, ".txt file (one prompt per line) or .jsonl file of prompt or dialog records"),
@@ -172,7 +172,10 @@ def run_on_engine(llama: Llama, records: list[Record], settings_of: Callable, ru
     record or error) pairs of the records that finish, as they do. run: the chat_format and logprobs flags."""
     window = 2 * llama.model.args.max_batch_size + 2  # requests in the engine: every row busy, more waiting
     todo = iter(records)
-    with ThreadPoolExecutor(window, "complete") as pool, Engine(llama, max_queue=window) as engine:
+    with (
+        ThreadPoolExecutor(window, "complete") as pool,
+        Engine(llama, max_queue=window, compile_in_background=flags.compile_in_background(run)) as engine,
+    ):
         running: dict[Future, Record] = {}
         while True:
             for r in islice(todo, window - len(running)):
@@ -188,44 +191,6 @@ def run_on_engine(llama: Llama, records: list[Record], settings_of: Callable, ru
             on_done(sorted(((running.pop(f), f.result()) for f in finished), key=lambda pair: pair[0].line))
 
 
-# ---- static batches (a model split over several ranks) --------------------------------------------------------
-
-
-def make_batches(records: list[Record], settings_of: Callable, max_batch_size: int) -> list[tuple[dict, list]]:
-    """Returns (settings, records) batches: same kind and settings per batch, sorted by prompt length. A record
-    that samples runs alone (its own seed: a batch's one generator would tie its draws to its batch-mates')."""
-    groups: dict[str, tuple[dict, list[Record]]] = {}
-    for r in records:
-        settings = {**settings_of(r), "kind": r.kind}
-        key = json.dumps(settings, sort_keys=True)
-        groups.setdefault(key, (settings, []))[1].append(r)
-    batches = []
-    for settings, group in groups.values():
-        group.sort(key=lambda r: (r.n_tokens, r.line))
-        size = 1 if "seed" in settings else max_batch_size
-        batches += [(settings, group[i : i + size]) for i in range(0, len(group), size)]
-    return batches
-
-
-def run_batch(llama, settings: dict, batch: list[Record], chat_format: str | None, logprobs: bool) -> list[dict]:
-    """Returns the output records of one batch."""
-    kw = {k: v for k, v in settings.items() if k != "kind"}
-    if settings["kind"] == "prompt":
-        preds = llama.text_completion([r.prompt for r in batch], logprobs=logprobs, **kw)
-        texts = [p["generation"] for p in preds]
-    else:
-        preds = llama.chat_completion([r.dialog for r in batch], logprobs=logprobs, chat_format=chat_format, **kw)
-        texts = [p["generation"]["content"] for p in preds]
-    return [output_record(r.id, text, p, p.get("tokens")) for r, p, text in zip(batch, preds, texts)]
-
-
-def run_static(llama: Llama, records: list[Record], settings_of: Callable, run: dict, on_done: Callable) -> None:
-    """Runs records in static batches through Llama.text_completion / chat_completion (every rank of the model
-    runs the same batches); calls on_done with each batch's (record, output record) pairs."""
-    for settings, batch in make_batches(records, settings_of, llama.model.args.max_batch_size):
-        on_done(list(zip(batch, run_batch(llama, settings, batch, run["chat_format"], run["logprobs"]))))
-
-
 # ---- distributed helpers ----------------------------------------------------------------------------
 
 
@@ -238,12 +203,6 @@ def data_parallel() -> tuple[int, int, bool]:
     if not distributed():
         return 0, 1, True
     return parallel.data_parallel_rank(), parallel.data_parallel_world_size(), parallel.model_parallel_rank() == 0
-
-
-def use_engine() -> bool:
-    """Whether records run on the serving engine: when the model is not split over several ranks (the engine
-    runs in one process); with model parallel they go through Llama's static batches."""
-    return parallel.model_parallel_world_size() == 1
 
 
 def global_rank() -> int:
@@ -311,14 +270,17 @@ class ShareWriter:
 
 
 def complete_share(llama, pending: list[Record], out: Path, main_file, settings_of: Callable, run: dict):
-    """Runs this replica's share of the pending records (round-robin), on the serving engine unless the model is
-    split over several ranks, appending each record's line as it finishes; returns (prompts written, prompts
-    failed) on the ranks that write, else (0, 0)."""
+    """Runs this replica's share of the pending records (round-robin) on a serving engine (with model parallel, on
+    the replica's first rank, which the others follow), appending each record's line as it finishes; returns
+    (prompts written, prompts failed) on the ranks that write, else (0, 0)."""
     dp_rank, dp_world, writes = data_parallel()
     mine = pending[dp_rank::dp_world]
     writer = ShareWriter(out, main_file, len(mine))
     try:
-        (run_on_engine if use_engine() else run_static)(llama, mine, settings_of, run, writer)
+        if schedules():
+            run_on_engine(llama, mine, settings_of, run, writer)
+        else:  # the other ranks of a model split over several: the first one's engine decides every model call
+            follow(llama)
     except KeyboardInterrupt:
         writer.close()
         print(
@@ -420,7 +382,9 @@ def close_output(out: Path, records: list[Record], lock) -> None:
 
 
 @friendly_errors
-@takes(FILE_FLAGS, select(MODEL_FLAGS, max_batch_size=8), SAMPLING_FLAGS, [STOP_FLAG], OUTPUT_FLAGS)
+@takes(
+    FILE_FLAGS, select(MODEL_FLAGS, max_batch_size=8, compile=COMPILE_AUTO), SAMPLING_FLAGS, [STOP_FLAG], OUTPUT_FLAGS
+)
 def main(values: dict) -> None:
     """Completes every prompt of a .txt/.jsonl file not yet in the output; prints a summary, returns None.
 

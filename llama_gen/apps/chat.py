@@ -4,16 +4,18 @@
     torchrun --nproc_per_node 2 scripts/chat.py --ckpt_dir DIR      # model parallel: rank 0 reads and prints
 
 Turns run on a serving engine (llama_gen.serve): each reuses the cache of the conversation so far, so only the
-new turn is prefilled (under torchrun, the whole dialog runs each turn). When the history no longer fits in
+new turn is prefilled (under torchrun, rank 0 runs the engine and the other ranks make the same model calls).
+By default the first replies come at once from the eager decode step while the compiled one builds in the
+background (cached on disk: later runs load it in a moment); --compile compiles first, --nocompile never.
+When the history no longer fits in
 max_seq_len with room for a reply of max_gen_len tokens, the oldest user/assistant pairs are dropped (the system
 prompt is kept). A reply that fails (say, out of memory) is kept as far as it got, with the error, and the chat
 goes on.
 
 Ctrl-C while a reply streams stops that reply (kept in the history as far as it got); Ctrl-C or Ctrl-D at the
-prompt quits. Under torchrun, rank 0 decides: after every decoding step it broadcasts whether to stop, so all
-ranks leave the reply together. Limit: a Ctrl-C typed in the terminal reaches torchrun itself, which shuts the
-whole job down; only a SIGINT sent to rank 0 alone (``kill -INT <pid>``) stops just the reply. Use /exit or
-Ctrl-D to leave a torchrun session cleanly.
+prompt quits. Under torchrun, a Ctrl-C typed in the terminal reaches torchrun itself, which shuts the whole job
+down; only a SIGINT sent to rank 0 alone (``kill -INT <pid>``) stops just the reply. Use /exit or Ctrl-D to leave
+a torchrun session cleanly.
 """
 
 import os
@@ -24,16 +26,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-
 from llama_gen.apps.errors import friendly_errors
 from llama_gen.apps.flags import (
+    COMPILE_AUTO,
     MODEL_FLAGS,
     SAMPLING_FLAGS,
     Flag,
     check_model_flags,
     check_sampling_flags,
+    compile_in_background,
     model_flags,
     select,
     takes,
@@ -43,6 +44,7 @@ from llama_gen.loop import StreamChunk
 from llama_gen.parallel import shutdown_distributed
 from llama_gen.serve import Engine
 from llama_gen.serve.chat import ChatSession
+from llama_gen.serve.ranks import follow, schedules
 
 HELP = """commands:
   /reset          forget the conversation (the system prompt stays)
@@ -53,50 +55,34 @@ Ctrl-C while the model is answering stops the answer."""
 
 
 class Channel:
-    """Rank 0 talks to the user; the other ranks receive its input and stay silent."""
+    """The terminal: the user's lines in, the replies out (on rank 0, the one that runs the engine)."""
 
-    def __init__(self, device: torch.device):
-        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.device = device
-        self.tty_in = self.rank == 0 and sys.stdin.isatty()
-        self.tty_out = self.rank == 0 and sys.stdout.isatty()
+    def __init__(self) -> None:
+        self.tty_in, self.tty_out = sys.stdin.isatty(), sys.stdout.isatty()
 
     def say(self, text: str = "", end: str = "\n") -> None:
-        """Prints text on rank 0 (flushed at once); returns None."""
-        if self.rank == 0:
-            sys.stdout.write(text + end)
-            sys.stdout.flush()
+        """Prints text (flushed at once); returns None."""
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
 
     def dim(self, text: str) -> None:
         """Prints one line, dimmed when stdout is a terminal; returns None."""
         self.say(f"\x1b[2m{text}\x1b[0m" if self.tty_out else text)
 
     def read_line(self) -> str | None:
-        """Returns the user's next line on every rank, or None when the user quits (EOF, Ctrl-C)."""
-        line: str | None = None
-        if self.rank == 0:
-            try:
-                line = input("> " if self.tty_in else "")
-                if not self.tty_in:
-                    self.say(f"> {line}")  # a readable transcript when input is piped
-            except EOFError:
-                self.say()
-            except KeyboardInterrupt:
-                self.say()
-        if self.distributed:
-            box = [line]
-            dist.broadcast_object_list(box, src=0)
-            line = box[0]
+        """Returns the user's next line, or None when the user quits (EOF, Ctrl-C)."""
+        try:
+            line = input("> " if self.tty_in else "")
+        except (EOFError, KeyboardInterrupt):
+            self.say()
+            return None
+        if not self.tty_in:
+            self.say(f"> {line}")  # a readable transcript when input is piped
         return line
 
-    def agree(self, flag: bool) -> bool:
-        """Returns rank 0's flag on every rank (one tiny broadcast when distributed)."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([int(flag)], device=self.device)
-        dist.broadcast(t, src=0)
-        return bool(t.item())
+    def stops(self, requested: bool) -> bool:
+        """Whether the reply streaming now stops after this step (requested: Ctrl-C was pressed)."""
+        return requested
 
 
 class StopOnInterrupt:
@@ -185,7 +171,7 @@ def fit_or_explain(session: ChatSession, channel: Channel, text: str) -> tuple[i
 
 
 def show_stream(stream: Iterator[list[StreamChunk]], channel: Channel) -> Streamed:
-    """Prints the reply as it streams until it ends or rank 0 asks to stop (Ctrl-C); returns what it came to."""
+    """Prints the reply as it streams until it ends or the user stops it (Ctrl-C); returns what it came to."""
     out = Streamed()
     parts: list[str] = []
     try:
@@ -199,16 +185,12 @@ def show_stream(stream: Iterator[list[StreamChunk]], channel: Channel) -> Stream
                     if piece:
                         out.first_at = out.first_at or time.perf_counter()
                         channel.say(piece, end="")
-                if channel.agree(interrupt.requested):
+                if channel.stops(interrupt.requested):
                     out.stopped = True
                     break
     except KeyboardInterrupt:  # a second Ctrl-C, inside a long step
-        if getattr(channel, "distributed", False):
-            raise  # the other ranks are mid-step: leaving this rank alone would desynchronize them
         out.stopped = True
     except Exception as error:  # noqa: BLE001 - a failed step (out of memory, ...): keep what came, go on
-        if getattr(channel, "distributed", False):
-            raise
         out.error = error
     finally:
         stream.close()
@@ -296,7 +278,7 @@ def warm_up(llama: Llama, channel: Channel) -> None:
 
 
 @friendly_errors
-@takes(select(MODEL_FLAGS, max_batch_size=1), SAMPLING_FLAGS, CHAT_FLAGS)
+@takes(select(MODEL_FLAGS, max_batch_size=1, compile=COMPILE_AUTO), SAMPLING_FLAGS, CHAT_FLAGS)
 def main(values: dict) -> None:
     """Chats with a model in the terminal until /exit, Ctrl-D or Ctrl-C at the prompt; returns None.
 
@@ -305,7 +287,11 @@ def main(values: dict) -> None:
     """
     settings = check_flags(values)
     llama = Llama.build(**model_flags(values))
-    channel = Channel(llama.device)
+    if not schedules():  # model parallel: rank 0 runs the engine and talks to the user; the others follow it
+        follow(llama)
+        shutdown_distributed()
+        return
+    channel = Channel()
     if channel.tty_in:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -313,15 +299,14 @@ def main(values: dict) -> None:
             pass
     warm_up(llama, channel)
     system = None if values["system"] is None else str(values["system"])
-    # One process: the turns run on a serving engine, so each reuses the cache of the turns before it (only the new
-    # turn is prefilled). Model parallel: the reference loop on every rank (the engine runs one process).
-    engine = None if channel.distributed else Engine(llama)
+    # The turns run on a serving engine, so each reuses the cache of the turns before it (only the new turn is
+    # prefilled).
+    engine = Engine(llama, compile_in_background=compile_in_background(values))
     session = TerminalChat(llama, system=system, chat_format=values["chat_format"], engine=engine, **settings)
     channel.say(
         f"(chat format {session.fmt.name}, max_seq_len={values['max_seq_len']}, max_gen_len={session.max_gen_len}; "
         "/help for commands, Ctrl-D to quit)"
     )
     chat_loop(session, channel, values["show_stats"] and not values["quiet_stats"])
-    if engine is not None:
-        engine.close()
+    engine.close()
     shutdown_distributed()

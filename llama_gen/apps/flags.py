@@ -15,6 +15,7 @@ from llama_gen.fast import check_quantization
 from llama_gen.options import SAMPLING_FIELDS, GenerationOptions
 
 REQUIRED = inspect.Parameter.empty  # the default of a flag that must be given
+COMPILE_AUTO = "auto"  # --compile's default in the programs that serve (see compile_in_background)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,13 @@ MODEL_FLAGS = (
     Flag("device", None, str | None, "cpu, cuda, mps... (default: cuda if available, then mps, else cpu)"),
     Flag("dtype", None, str | None, "float32, bfloat16 or float16 (default: bf16 on GPUs that have it, else fp32)"),
     Flag("chat_format", None, str | None, "llama2, llama3, chatml... (default: the checkpoint's)"),
-    Flag("compile", False, bool, "compile the decode step first (cached on disk for the next run)"),
+    Flag(
+        "compile",
+        False,
+        bool | str,
+        "compile the decode step, cached on disk for later runs: True = before answering, False = never, auto "
+        "(the programs' default) = answer at once eagerly while it builds in the background, then switch to it",
+    ),
     Flag("quantize", None, str | None, "int8: weight-only int8 linear layers"),
 )
 _UNSET = "(default: the checkpoint's generation_config.json, else "
@@ -110,12 +117,21 @@ def check_model_flags(values: Mapping[str, Any]) -> None:
         raise ValueError(f"--seed must be an integer, got {values['seed']!r}")
     if values.get("chat_format") is not None:
         get_chat_format(values["chat_format"])
+    if values.get("compile", False) not in (True, False, COMPILE_AUTO):
+        raise ValueError(f"--compile must be True, False or {COMPILE_AUTO}, got {values['compile']!r}")
     check_quantization(values.get("quantize"))
+
+
+def compile_in_background(values: Mapping[str, Any]) -> bool:
+    """Whether the program compiles the decode step in the background (--compile auto, nothing quantized)."""
+    return values.get("compile") == COMPILE_AUTO and values.get("quantize") is None
 
 
 def model_flags(values: Mapping[str, Any]) -> dict[str, Any]:
     """Returns Llama.build's arguments among values (paths as strings: fire makes numbers of numeric names)."""
     build = {name: values[name] for name in names(MODEL_FLAGS) if name in values}
+    if build.get("compile") == COMPILE_AUTO:  # built eagerly; the program's engine compiles in the background
+        build["compile"] = False
     for name in ("ckpt_dir", "tokenizer_path"):
         if build.get(name) is not None:
             build[name] = str(build[name])

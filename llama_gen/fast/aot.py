@@ -25,6 +25,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -160,11 +161,11 @@ def build_package(spec: dict, path: Path) -> None:
     partial.replace(path)  # atomic: a concurrent or interrupted build never leaves a half-written package
 
 
-def ensure_package(spec: dict) -> Path:
+def ensure_package(spec: dict, on_start: Callable[[subprocess.Popen], None] | None = None) -> Path:
     """Returns the package for spec, built first if it is not cached.
 
     A missing package is built by a child process (``python -m llama_gen.fast.aot``), so the compiler's memory
-    and imports never enter this one.
+    and imports never enter this one; ``on_start`` receives that process (to stop it early, say).
     """
     path = package_path(spec)
     if path.exists():
@@ -175,16 +176,19 @@ def ensure_package(spec: dict) -> Path:
         flush=True,
     )
     start = time.perf_counter()
-    result = subprocess.run(
+    child = subprocess.Popen(
         [sys.executable, "-m", "llama_gen.fast.aot", json.dumps(spec), str(path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    if result.returncode != 0 or not path.exists():
+    if on_start is not None:
+        on_start(child)
+    output, _ = child.communicate()
+    if child.returncode != 0 or not path.exists():
         raise AotBuildError(
-            f"building the decode step ahead of time failed (exit {result.returncode}); its output "
-            f"ends:\n{result.stdout[-2000:]}"
+            f"building the decode step ahead of time failed (exit {child.returncode}); its output "
+            f"ends:\n{output[-2000:]}"
         )
     seconds = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child's, so far

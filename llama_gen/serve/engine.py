@@ -18,6 +18,7 @@ import collections
 import contextlib
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from llama_gen.chat_format import Dialog
-from llama_gen.fast import FastForward
+from llama_gen.fast.background import BackgroundCompile, can_compile_in_background
 from llama_gen.fast.step import attention_window
 from llama_gen.generation import Llama
 from llama_gen.options import GenerationOptions
 from llama_gen.sampling import sample_next_token
+from llama_gen.serve.ranks import HEARTBEAT_S, ModelCalls
 from llama_gen.serve.request import Delta, Request, RequestCancelled, RequestHandle
 from llama_gen.serve.slots import SlotTable
 
@@ -46,15 +48,22 @@ class Engine:
     """Serves many requests at once on one Llama: ``submit`` from any thread, read each through its handle.
 
     The Llama's cache rows (``max_batch_size``) are the slots; a compiled Llama (``compile=True``) decodes with
-    its compiled step, otherwise the same step runs eagerly. While the engine runs it owns the model: the Llama's
-    own calls (from other threads) wait until ``close()``.
+    its compiled step, otherwise the same step runs eagerly; with ``compile_in_background`` (a Llama built with
+    neither compile nor quantize, on CPU, one rank) it runs eagerly while the compiled step builds, then switches
+    to it between two steps. While the engine runs it owns the model: the Llama's own calls (from other threads)
+    wait until ``close()``. Under model parallel it runs on the first rank of each model-parallel group and the
+    group's other ranks run ``llama_gen.serve.ranks.follow``.
     """
 
-    def __init__(self, llama: Llama, max_queue: int = 1024, prefill_chunk: int = 256):
+    def __init__(
+        self, llama: Llama, max_queue: int = 1024, prefill_chunk: int = 256, compile_in_background: bool = False
+    ):
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
         self.llama, self.model = llama, llama.model
-        self.step = llama.forward if isinstance(llama.forward, FastForward) else FastForward(self.model, compile=False)
+        self.calls = ModelCalls(llama)
+        background = compile_in_background and llama.forward == llama.model.forward
+        self.compiling = BackgroundCompile(self.model) if background and can_compile_in_background(self.model) else None
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.slots = SlotTable(self.model.args.max_batch_size)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -140,9 +149,13 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.wake:
-                self.wake.wait_for(lambda: self.closed or self.waiting or self.admitted)
+                busy = self.wake.wait_for(lambda: self.closed or self.waiting or self.admitted, self._idle_wait())
                 if self.closed:
                     break
+            self._switch_if_compiled()
+            if not busy:
+                self.calls.idle()
+                continue
             self._drop_cancelled()
             self._admit()
             self._prefill_one_chunk()
@@ -150,6 +163,27 @@ class Engine:
             self.steps += 1
         for request in [*self.admitted, *self.waiting]:
             self._end(request, error=RequestCancelled("the engine was closed"))
+        if self.compiling is not None:
+            self.compiling.cancel()
+        self.calls.stop()
+
+    def _idle_wait(self) -> float | None:
+        """How long the loop may sleep with nothing to do: briefly while a compiled step builds (to switch to it
+        once ready), a heartbeat under model parallel, else until woken."""
+        if self.compiling is not None:
+            return 0.5
+        return HEARTBEAT_S if self.calls.broadcasting else None
+
+    def _switch_if_compiled(self) -> None:
+        """Between two steps: moves to the compiled step once its background build is done (on failure, says
+        why and stays eager)."""
+        if self.compiling is None or not self.compiling.ready():
+            return
+        compiling, self.compiling = self.compiling, None
+        try:
+            self.llama.forward = self.calls.step = compiling.switch()
+        except Exception as error:  # noqa: BLE001 - nothing lost: the eager step goes on
+            warnings.warn(f"the compiled decode step is not available ({error}); decoding eagerly", stacklevel=1)
 
     def _drop_cancelled(self) -> None:
         with self.wake:
@@ -178,7 +212,7 @@ class Engine:
         try:
             tokens = torch.tensor([request.prompt[start:end]], device=self.llama.device)
             with torch.inference_mode():
-                logits = self.model.forward(tokens, start, last_only=True, first_row=request.slot)
+                logits = self.calls.prefill(tokens, start, request.slot)
             request.next_pos = end
             if not request.prefilling:
                 self._sample(request, logits[0, -1])
@@ -193,7 +227,7 @@ class Engine:
         window = attention_window(max(r.next_pos for r in decoding), self.model.args.max_seq_len)
         try:
             with torch.inference_mode():
-                logits = self.step.decode_rows(tokens, positions, window)
+                logits = self.calls.decode(tokens, positions, window)
             for request in decoding:
                 request.next_pos += 1
                 self._sample(request, logits[request.slot, -1])

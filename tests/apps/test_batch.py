@@ -1,6 +1,5 @@
 """Batch completion from prompt files: parsing, batching, exactly-once resumable output, data parallel."""
 
-import functools
 import json
 import os
 import random
@@ -15,7 +14,7 @@ import pytest
 from conftest import LLAMA2_TOKENIZER, REPO
 
 from llama_gen.apps import batch
-from llama_gen.apps.batch import Record, make_batches, merge_parts, read_output, read_prompts, record_settings
+from llama_gen.apps.batch import Record, merge_parts, read_output, read_prompts, record_settings
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 WORDS = "the quick brown fox jumps over a lazy dog and then runs far away into the night".split()
@@ -43,6 +42,7 @@ def args(ckpt, prompts, output, *extra, **flags) -> list[str]:
         "max_batch_size": 4,
         "max_gen_len": 8,
         "temperature": 0,
+        **({} if "--compile" in extra else {"compile": False}),  # (no background compile unless asked for)
         **flags,
     }
     return [
@@ -136,25 +136,16 @@ def test_merge_parts_keeps_each_id_once(tmp_path):
     assert merge_parts(out) == 0
 
 
-def test_batches_group_settings_and_sort_by_length():
+def test_record_settings_seed_only_the_records_that_sample():
     recs = [Record(i, i, prompt="x", settings={"temperature": 0.5} if i % 3 == 0 else {}) for i in range(10)]
-    recs.append(Record(99, 99, dialog=[{"role": "user", "content": "x"}]))
-    for r in recs:
-        r.n_tokens = 20 - r.line if r.line < 20 else 5
-    settings_of = functools.partial(
-        record_settings, defaults={"max_gen_len": 8, "temperature": 0}, run_seed=1, config={}
-    )
-    batches = make_batches(recs, settings_of, 3)
-    assert sum(len(b) for _, b in batches) == 11
-    for settings, b in batches:
-        assert len(b) <= 3 and len({json.dumps(r.settings) for r in b}) == 1 and len({r.kind for r in b}) == 1
-        assert settings["max_gen_len"] == 8 and settings["temperature"] == b[0].settings.get("temperature", 0)
-        assert [r.n_tokens for r in b] == sorted(r.n_tokens for r in b)
-        # A record that samples runs alone, with its own seed (derived from the run's seed and its id).
-        assert ("seed" in settings) == (settings["temperature"] > 0) and (len(b) == 1 or "seed" not in settings)
-    seeds = [s["seed"] for s, _ in batches if "seed" in s]
-    assert len(seeds) == 4 and len(set(seeds)) == 4 and all(0 <= s < 2**63 for s in seeds)
-    assert [len(b) for s, b in batches if "seed" not in s and s["kind"] == "prompt"] == [3, 3]
+    recs.append(Record(99, 99, prompt="x", settings={"temperature": 0.7, "seed": 5}))
+    settings = [record_settings(r, {"max_gen_len": 8, "temperature": 0}, run_seed=1, config={}) for r in recs]
+    assert all(s["max_gen_len"] == 8 for s in settings)
+    seeds = [s["seed"] for s in settings if "seed" in s]
+    # A record that samples has its own seed (its own, else derived from the run's seed and its id); greedy: none.
+    assert len(seeds) == 5 and len(set(seeds)) == 5 and all(0 <= s < 2**63 for s in seeds) and seeds[-1] == 5
+    assert seeds[:4] == [record_settings(r, {}, run_seed=1, config={})["seed"] for r in recs[:10:3]]
+    assert seeds[:4] != [record_settings(r, {}, run_seed=2, config={})["seed"] for r in recs[:10:3]]
 
 
 def test_malformed_lines_are_reported_and_skipped(tiny_checkpoints, tmp_path, capsys):

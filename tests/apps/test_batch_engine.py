@@ -1,4 +1,5 @@
-"""Batch completion on the serving engine: the static path's outputs, shared steps, exact resume, the sidecar."""
+"""Batch completion on the serving engine: the API's outputs, shared steps, exact resume, the sidecar, model
+parallel."""
 
 import json
 import os
@@ -10,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import LLAMA2_TOKENIZER, REPO
 from test_batch import ENV, WORDS, args, free_port, load, run_main, write_prompts
 
+from llama_gen import Llama
 from llama_gen.apps import batch
+from llama_gen.apps.batch_files import read_prompts
 
 SAME = ("id", "generation", "finish_reason", "prompt_tokens", "completion_tokens", "tokens")
 
@@ -45,24 +48,35 @@ def forbid(monkeypatch, name: str) -> None:
     monkeypatch.setattr(batch, name, lambda *a, **k: pytest.fail(f"{name} was used"))
 
 
-def run_static(monkeypatch, argv: list[str]) -> None:
-    """Runs the program on the model-parallel path (static batches through Llama), as with several ranks."""
-    with monkeypatch.context() as m:
-        m.setattr(batch, "use_engine", lambda: False)
-        forbid(m, "Engine")
-        run_main(argv)
+def api_outputs(ckpt, path: Path, defaults: dict, max_seq_len: int) -> list[dict]:
+    """Each record of path completed alone through Llama's own text_completion / chat_completion, with the
+    settings (and derived seed) the program gives it: what the program must write."""
+    llama = Llama.build(
+        ckpt, tokenizer_path=str(LLAMA2_TOKENIZER), max_seq_len=max_seq_len, max_batch_size=1, device="cpu",
+        dtype="float32",
+    )  # fmt: skip
+    records, _, _ = read_prompts(path)
+    outputs = []
+    for r in records:
+        settings = batch.record_settings(r, defaults, run_seed=1, config=llama.generation_config)
+        if r.kind == "prompt":
+            pred = llama.text_completion([r.prompt], logprobs=True, **settings)[0]
+            text = pred["generation"]
+        else:
+            pred = llama.chat_completion([r.dialog], logprobs=True, **settings)[0]
+            text = pred["generation"]["content"]
+        outputs.append(batch.output_record(r.id, text, pred, pred["tokens"]))
+    return outputs
 
 
-def test_engine_outputs_equal_the_static_paths(tiny_checkpoints, tmp_path, monkeypatch):
+def test_outputs_equal_the_api_one_record_at_a_time(tiny_checkpoints, tmp_path):
     _, ckpt = tiny_checkpoints["gqa"]
     records = write_mixed(tmp_path / "p.jsonl", 24)
-    run_static(monkeypatch, args(ckpt, tmp_path / "p.jsonl", tmp_path / "static.jsonl", "--logprobs", max_seq_len=96))
-    with monkeypatch.context() as m:
-        forbid(m, "run_static")
-        run_main(args(ckpt, tmp_path / "p.jsonl", tmp_path / "engine.jsonl", "--logprobs", max_seq_len=96))
-    static, engine = load(tmp_path / "static.jsonl"), load(tmp_path / "engine.jsonl")
+    run_main(args(ckpt, tmp_path / "p.jsonl", tmp_path / "engine.jsonl", "--logprobs", max_seq_len=96))
+    engine = load(tmp_path / "engine.jsonl")
+    expected = api_outputs(ckpt, tmp_path / "p.jsonl", {"max_gen_len": 8, "temperature": 0}, max_seq_len=96)
     assert [r["id"] for r in engine] == [r["id"] for r in records]
-    for e, s, rec in zip(engine, static, records):
+    for e, s, rec in zip(engine, expected, records):
         # Greedy records and sampled ones alike: a sampled record's seed is its own on both paths.
         assert {k: e[k] for k in SAME} == {k: s[k] for k in SAME}
         assert e["logprobs"] == pytest.approx(s["logprobs"], abs=1e-4)
@@ -105,18 +119,16 @@ def test_mixed_settings_share_steps_and_each_record_is_written_once_as_it_finish
     assert shared, "no two records with different settings were decoded at the same time"
 
 
-@pytest.mark.parametrize("path", ["engine", "static"])
-def test_a_resumed_record_samples_what_it_would_have(tiny_checkpoints, tmp_path, monkeypatch, path):
+def test_a_resumed_record_samples_what_it_would_have(tiny_checkpoints, tmp_path):
     _, ckpt = tiny_checkpoints["gqa"]
     write_prompts(tmp_path / "p.jsonl", 30, seed=4)
     out = tmp_path / "o.jsonl"
     argv = args(ckpt, tmp_path / "p.jsonl", out, temperature=0.8, max_gen_len=12, max_batch_size=3)
-    run = (lambda: run_static(monkeypatch, argv)) if path == "static" else (lambda: run_main(argv))
-    run()
+    run_main(argv)
     full = load(out)
     keep = [r for i, r in enumerate(full) if i % 3 == 1]  # as if the others had not been written yet
     out.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    run()
+    run_main(argv)
     assert load(out) == full
     other_seed = tmp_path / "seed2.jsonl"
     run_main(args(ckpt, tmp_path / "p.jsonl", other_seed, temperature=0.8, max_gen_len=12, seed=2))
@@ -291,7 +303,7 @@ def test_a_prompt_longer_than_the_window_is_reported_as_too_long(tiny_checkpoint
 
 
 @pytest.mark.multiprocess
-def test_model_parallel_static_batches_give_the_engines_outputs(tiny_checkpoints, tmp_path):
+def test_model_parallel_engine_gives_the_one_process_outputs(tiny_checkpoints, tmp_path):
     _, ckpt = tiny_checkpoints["gqa"]
     write_mixed(tmp_path / "p.jsonl", 12, seed=6)
     run_main(args(ckpt, tmp_path / "p.jsonl", tmp_path / "engine.jsonl", max_seq_len=96))

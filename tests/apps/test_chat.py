@@ -40,7 +40,7 @@ class FakeChannel:
     def read_line(self):
         return self.lines.pop(0) if self.lines else None
 
-    def agree(self, flag):
+    def stops(self, flag):
         self.steps += 1
         return flag or (self.stop_after is not None and self.steps >= self.stop_after)
 
@@ -174,6 +174,8 @@ def free_port() -> int:
 
 
 def chat_cmd(ckpt, *extra):
+    """The chat program's command line (eager unless extra has --compile: no background compile by default)."""
+    no_compile = () if any(e.startswith("--compile") for e in extra) else ("--compile", "False")
     return [
         "scripts/chat.py",
         "--ckpt_dir",
@@ -188,6 +190,7 @@ def chat_cmd(ckpt, *extra):
         "0",
         "--show_stats",
         "False",
+        *no_compile,
         *extra,
     ]
 
@@ -211,6 +214,9 @@ def test_compile_flag_compiles_before_the_first_prompt_and_replies_as_eager(tiny
     eager, fast = chat(), chat("--compile")
     assert fast[0].startswith("(compiling the decode step") and re.fullmatch(r"\(compiled in [\d.]+ s\)", fast[1])
     assert fast[2:] == eager and len(eager) >= 3  # header, the reply, then the prompt for /exit
+    # The default: answers at once on the eager step while the compiled one (here cached by the run above) loads,
+    # then switches to it, with the same reply.
+    assert chat("--compile", "auto") == eager
 
 
 @pytest.mark.multiprocess
@@ -261,7 +267,18 @@ def test_conversation_longer_than_max_seq_len_on_default_model():
         + "\n"
     )
     run = subprocess.run(
-        [sys.executable, "scripts/chat.py", "--max_seq_len", "256", "--max_gen_len", "24", "--temperature", "0"],
+        [
+            sys.executable,
+            "scripts/chat.py",
+            "--max_seq_len",
+            "256",
+            "--max_gen_len",
+            "24",
+            "--temperature",
+            "0",
+            "--compile",
+            "False",
+        ],  # fmt: skip
         input=lines,
         capture_output=True,
         text=True,
@@ -295,7 +312,7 @@ def test_terminal_chat_streams_resets_interrupts_and_exits():
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(
         sys.executable,
-        ["scripts/chat.py", "--temperature", "0", "--max_gen_len", "16", "--max_seq_len", "512"],
+        ["scripts/chat.py", "--temperature", "0", "--max_gen_len", "16", "--max_seq_len", "512", "--compile", "False"],
         cwd=str(REPO),
         env=ENV,
         encoding="utf-8",

@@ -108,7 +108,7 @@ def test_cancel_and_abandon_free_the_row(engine):
 
 def test_a_step_that_raises_fails_its_requests_and_the_engine_goes_on(engine, monkeypatch):
     calls = {"n": 0}
-    real = engine.step.decode_rows
+    real = engine.calls.step.decode_rows
 
     def failing_once(*args):
         calls["n"] += 1
@@ -116,7 +116,7 @@ def test_a_step_that_raises_fails_its_requests_and_the_engine_goes_on(engine, mo
             raise RuntimeError("out of memory (simulated)")
         return real(*args)
 
-    monkeypatch.setattr(engine.step, "decode_rows", failing_once)
+    monkeypatch.setattr(engine.calls.step, "decode_rows", failing_once)
     handle = engine.submit_text(PROMPTS[0], temperature=0, max_gen_len=20)
     with pytest.raises(RuntimeError, match="simulated"):
         handle.result(timeout=30)
