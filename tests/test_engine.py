@@ -23,6 +23,11 @@ def build(ckpt, **kwargs) -> Llama:
     return Llama.build(ckpt, tokenizer_path=str(LLAMA2_TOKENIZER), **kwargs)
 
 
+def random_tokens(rows: int, length: int, seed: int = 1) -> torch.Tensor:
+    """Returns [rows, length] token ids drawn from the tiny models' 32,000-token vocabulary."""
+    return torch.randint(0, 32000, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
 def stepwise_logits(forward, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """Logits of a prefill of prompt_len tokens, then one token at a time."""
     steps = [forward(tokens[:, :prompt_len], 0)]
@@ -33,9 +38,7 @@ def stepwise_logits(forward, tokens: torch.Tensor, prompt_len: int) -> torch.Ten
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 def test_logits_match_transformers(tiny_checkpoints, name):
     hf, ckpt = tiny_checkpoints[name]
-    llama = build(ckpt)
-    torch.manual_seed(1)
-    tokens = torch.randint(0, 32000, (3, 90))
+    llama, tokens = build(ckpt), random_tokens(3, 90)
     with torch.no_grad():
         expected = hf(tokens).logits
     full = llama.model.forward(tokens, 0)

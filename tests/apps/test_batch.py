@@ -4,7 +4,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from conftest import LLAMA2_TOKENIZER, REPO
+from programs import ENV, run_script, torchrun
 
 from llama_gen.apps import batch
 from llama_gen.apps.batch import Record, merge_parts, read_output, read_prompts, record_settings
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 WORDS = "the quick brown fox jumps over a lazy dog and then runs far away into the night".split()
 
 
@@ -249,44 +248,14 @@ def test_kill_9_then_rerun_gives_each_id_exactly_once(tiny_checkpoints, tmp_path
             assert r == first[r["id"]]  # finished ones untouched
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_torchrun_data_parallel_matches_one_process(tiny_checkpoints, tmp_path):
     _, ckpt = tiny_checkpoints["gqa"]
     write_prompts(tmp_path / "p.jsonl", 40, seed=2)
     single, dp = tmp_path / "single.jsonl", tmp_path / "dp.jsonl"
-    one = subprocess.run(
-        [sys.executable, "scripts/complete.py", *args(ckpt, tmp_path / "p.jsonl", single)],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    one = run_script("scripts/complete.py", *args(ckpt, tmp_path / "p.jsonl", single), timeout=180)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "scripts/complete.py",
-            *args(ckpt, tmp_path / "p.jsonl", dp, model_parallel_size=1),
-        ],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    two = torchrun(2, "scripts/complete.py", *args(ckpt, tmp_path / "p.jsonl", dp, model_parallel_size=1))
     assert two.returncode == 0, two.stderr
     assert "40 done, 0 already done, 0 skipped (malformed), 0 failed" in two.stderr
     assert load(dp) == load(single)  # same records, each id once, same order

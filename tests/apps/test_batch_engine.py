@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import LLAMA2_TOKENIZER, REPO
-from test_batch import ENV, WORDS, args, free_port, load, run_main, write_prompts
+from programs import ENV, torchrun
+from test_batch import WORDS, args, load, run_main, write_prompts
 
 from llama_gen import Llama
 from llama_gen.apps import batch
@@ -307,13 +308,7 @@ def test_model_parallel_engine_gives_the_one_process_outputs(tiny_checkpoints, t
     _, ckpt = tiny_checkpoints["gqa"]
     write_mixed(tmp_path / "p.jsonl", 12, seed=6)
     run_main(args(ckpt, tmp_path / "p.jsonl", tmp_path / "engine.jsonl", max_seq_len=96))
-    mp = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            "scripts/complete.py", *args(ckpt, tmp_path / "p.jsonl", tmp_path / "mp.jsonl", max_seq_len=96),
-        ],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+    mp = torchrun(2, "scripts/complete.py", *args(ckpt, tmp_path / "p.jsonl", tmp_path / "mp.jsonl", max_seq_len=96))
     assert mp.returncode == 0, mp.stderr
     assert "mp=2" in mp.stderr and "12 done, 0 already done" in mp.stderr
     assert load(tmp_path / "mp.jsonl") == load(tmp_path / "engine.jsonl")  # sampled records too: their own seeds

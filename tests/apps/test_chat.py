@@ -3,18 +3,15 @@
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import time
 
 import pytest
 from conftest import LLAMA2_TOKENIZER, REPO
+from programs import ENV, run_script, torchrun
 
 from llama_gen.apps import chat as chat_app
 from llama_gen.apps.chat import StopOnInterrupt, TerminalChat, chat_loop
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def default_sigint() -> None:
@@ -167,12 +164,6 @@ def test_bad_flags_fail_before_loading(flags, message, capsys, monkeypatch):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def chat_cmd(ckpt, *extra):
     """The chat program's command line (eager unless extra has --compile: no background compile by default)."""
     no_compile = () if any(e.startswith("--compile") for e in extra) else ("--compile", "False")
@@ -199,15 +190,7 @@ def test_compile_flag_compiles_before_the_first_prompt_and_replies_as_eager(tiny
     _, ckpt = tiny_checkpoints["gqa"]
 
     def chat(*extra):
-        done = subprocess.run(
-            [sys.executable, *chat_cmd(ckpt, *extra)],
-            input="Hello there\n/exit\n",
-            cwd=str(REPO),
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        done = run_script(*chat_cmd(ckpt, *extra), input="Hello there\n/exit\n", timeout=600)
         assert done.returncode == 0, done.stderr
         return done.stdout.splitlines()
 
@@ -223,28 +206,9 @@ def test_compile_flag_compiles_before_the_first_prompt_and_replies_as_eager(tiny
 def test_torchrun_model_parallel_chat_matches_one_process(tiny_checkpoints):
     _, ckpt = tiny_checkpoints["mha"]  # 4 heads: splits over 2 ranks
     lines = "hello there\nhow are you?\n/reset\nwhat now\n" + "more words " * 20 + "\nlast one\n"
-    one = subprocess.run(
-        [sys.executable, *chat_cmd(ckpt)], input=lines, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120
-    )
+    one = run_script(*chat_cmd(ckpt), input=lines, timeout=120)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            *chat_cmd(ckpt),
-        ],
-        input=lines,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=ENV,
-        timeout=180,
-    )
+    two = torchrun(2, *chat_cmd(ckpt), input=lines, timeout=180)
     assert two.returncode == 0, two.stderr
     assert "mp=2" in two.stderr
     assert one.stdout.count("> ") == 6 and "[cut at max_gen_len" in one.stdout
@@ -266,26 +230,8 @@ def test_conversation_longer_than_max_seq_len_on_default_model():
         )
         + "\n"
     )
-    run = subprocess.run(
-        [
-            sys.executable,
-            "scripts/chat.py",
-            "--max_seq_len",
-            "256",
-            "--max_gen_len",
-            "24",
-            "--temperature",
-            "0",
-            "--compile",
-            "False",
-        ],  # fmt: skip
-        input=lines,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=ENV,
-        timeout=240,
-    )
+    flags = ("--max_seq_len", "256", "--max_gen_len", "24", "--temperature", "0", "--compile", "False")
+    run = run_script("scripts/chat.py", *flags, input=lines, timeout=240)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("the oldest turns are dropped") == 1
     assert "that message needs" in run.stdout

@@ -1,9 +1,8 @@
 """llama_gen.fast.step: the static-shape decode step (windows over the KV cache) against the eager forward."""
 
 import pytest
-import torch
 from conftest import TINY_CONFIGS
-from test_engine import build, stepwise_logits
+from test_engine import build, random_tokens, stepwise_logits
 
 from llama_gen.fast.forward import FastForward
 from llama_gen.fast.layout import fuse_projections
@@ -13,9 +12,7 @@ from llama_gen.fast.step import attention_window
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 def test_fused_static_step_matches_eager(tiny_checkpoints, name):
     _, ckpt = tiny_checkpoints[name]
-    llama = build(ckpt)
-    torch.manual_seed(1)
-    tokens = torch.randint(0, 32000, (3, 100))
+    llama, tokens = build(ckpt), random_tokens(3, 100)
     expected = llama.model.forward(tokens, 0)
     fuse_projections(llama.model)
     assert llama.model.layers[0].attention.wqkv is not None and not hasattr(llama.model.layers[0].attention, "wq")
