@@ -6,7 +6,8 @@ The mixed file (seeded, so every run writes the same one): text prompts of 12-15
 from 16-192, and chat questions whose answers end on their own (max_gen_len 192). The full-batch file: 8 equal
 text prompts decoded together for 192 tokens, with the same flags. Rate = completion tokens / process wall time;
 "after load" also subtracts the time of a process that completes one record with max_gen_len 2 (start-up, model
-load, compiled step load: one decode step). The full-batch process runs before and after the mixed one (its mean is the reference).
+load, compiled step load: one decode step). The full-batch process runs before and after the mixed one (the mean
+of the two is the reference).
 """
 
 import argparse
@@ -91,7 +92,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         mixed = write_jsonl(tmp / "mixed.jsonl", mixed_records(args.records))
-        full = write_jsonl(tmp / "full.jsonl", [{"id": i, "prompt": EQUAL_PROMPT, "max_gen_len": 192} for i in range(8)])
+        equal = [{"id": i, "prompt": EQUAL_PROMPT, "max_gen_len": 192} for i in range(8)]
+        full = write_jsonl(tmp / "full.jsonl", equal)
         one = write_jsonl(tmp / "one.jsonl", [{"id": 0, "prompt": EQUAL_PROMPT, "max_gen_len": 2}])
         run_complete(one, flags, args.threads)  # warm-up: builds or loads the compiled step, fills the page cache
         load, _ = run_complete(one, flags, args.threads)
@@ -104,7 +106,8 @@ def main(argv=None) -> None:
     rate = lambda wall, tokens, minus=0.0: tokens / (wall - minus)  # noqa: E731
     full_rate = (rate(*full_a) + rate(*full_b)) / 2
     full_rate_loaded = (rate(*full_a, load) + rate(*full_b, load)) / 2
-    print(f"# Batch completion, mixed file vs full batch ({describe('cpu')}, {datetime.date.today()}, {git_commit()})\n")
+    when = f"{describe('cpu')}, {datetime.date.today()}, {git_commit()}"
+    print(f"# Batch completion, mixed file vs full batch ({when})\n")
     print(f"flags: {' '.join(flags)}; {args.records} mixed records; OMP_NUM_THREADS={args.threads}\n")
     print("| process | wall s | completion tokens | tok/s | tok/s after load |")
     print("|---|---|---|---|---|")
