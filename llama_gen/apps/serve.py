@@ -19,18 +19,9 @@ import sys
 from pathlib import Path
 
 from llama_gen import parallel
+from llama_gen.apps import flags
 from llama_gen.apps.errors import friendly_errors
-from llama_gen.apps.flags import (
-    MODEL_FLAGS,
-    SAMPLING_FLAGS,
-    STOP_FLAG,
-    Flag,
-    check_model_flags,
-    check_sampling_flags,
-    model_flags,
-    select,
-    takes,
-)
+from llama_gen.apps.flags import MODEL_FLAGS, SAMPLING_FLAGS, STOP_FLAG, Flag, select, takes
 from llama_gen.generation import Llama
 from llama_gen.serve import Engine
 from llama_gen.server import OpenAIServer, serve
@@ -55,8 +46,8 @@ SERVER_FLAGS = (
 
 def check_server_flags(values: dict) -> dict:
     """Raises ValueError naming the first bad server flag; returns the generation defaults the flags give."""
-    check_model_flags(values)
-    defaults = check_sampling_flags(values)
+    flags.check_model_flags(values)
+    defaults = flags.check_sampling_flags(values)
     for name, low in (("port", 0), ("max_queue", 1), ("max_body_bytes", 1), ("prefill_chunk", 1)):
         value = values[name]
         if not isinstance(value, int) or isinstance(value, bool) or value < low or (name == "port" and value > 65535):
@@ -98,7 +89,7 @@ def main(values: dict) -> None:
     defaults = check_server_flags(values)
     api_key = values["api_key"] if values["api_key"] is not None else os.environ.get(API_KEY_ENV) or None
     name = model_name(values)
-    llama = Llama.build(**model_flags(values))
+    llama = Llama.build(**flags.model_flags(values))
     if parallel.model_parallel_rank() != 0:  # model parallel: this rank mirrors rank 0's engine steps
         follow(llama)
         parallel.shutdown_distributed()

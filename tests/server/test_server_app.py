@@ -1,8 +1,11 @@
-"""The HTTP app on a tiny random model, through a real server process and real clients (openai, httpx):
-concurrent streams, clients that leave mid-stream, the bad-input matrix, auth, logprobs, n, metrics, 429."""
+"""The HTTP server on a tiny random model, one real server process and real clients (openai, httpx): concurrent
+streams, clients that leave mid-stream, the bad-input matrix, auth, logprobs, n, metrics, 429, the window, and
+last SIGTERM (requests in flight finish or are cut at the deadline, new connections are refused, exit status 0)."""
 
 import asyncio
 import json
+import signal
+import threading
 import time
 
 import httpx
@@ -16,24 +19,27 @@ from prometheus_client.parser import text_string_to_metric_families
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_QUEUE = 100
+N = 12  # tokens per reply in the concurrency test
+WINDOW = 4096  # max_seq_len
+DRAIN_S = 1.5
 PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village, there lived",
-    "1, 2, 3, 4,",
-    "The quick brown fox",
-    "Llamas are",
-    "In the beginning",
-    "My favourite colour is",
+    "The weather today is",
+    "import numpy as np",
+    "Dear diary, this morning I",
+    "A, B, C, D,",
+    "Roses are red,",
+    "The best way to cook rice",
+    "Chapter one:",
+    "Ten reasons to visit Paris:",
 ]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory):
     _, ckpt = tiny_checkpoints["gqa"]
-    args = tiny_server_args(ckpt, LLAMA2_TOKENIZER, "--max_seq_len", "128", "--max_batch_size", "8")
-    args += ["--max_queue", str(MAX_QUEUE), "--max_body_bytes", "20000"]
-    # the key from the environment variable (the flag is the same path, tested in test_server_run.py)
+    args = tiny_server_args(ckpt, LLAMA2_TOKENIZER, "--max_seq_len", str(WINDOW), "--max_batch_size", "8")
+    args += ["--max_queue", str(MAX_QUEUE), "--max_body_bytes", "40000", "--drain_timeout", str(DRAIN_S)]
+    # the key from the environment variable (the --api_key flag sets the same thing)
     live = LiveServer(args, tmp_path_factory.mktemp("server") / "log.txt", env={"LLAMA_GEN_API_KEY": KEY})
     yield live
     assert live.stop() == 0, live.log()
@@ -60,9 +66,9 @@ def test_concurrent_streaming_clients_each_equal_their_solo_output(server, clien
     def solo(kind: str, prompt: str) -> str:
         if kind == "chat":
             messages = [{"role": "user", "content": prompt}]
-            reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=20)
+            reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=N)
             return reply.choices[0].message.content
-        return client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=20).choices[0].text
+        return client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=N).choices[0].text
 
     jobs = [("chat" if i % 2 else "text", PROMPTS[i % len(PROMPTS)]) for i in range(32)]
     expected = {job: solo(*job) for job in set(jobs)}
@@ -72,12 +78,10 @@ def test_concurrent_streaming_clients_each_equal_their_solo_output(server, clien
         if kind == "chat":
             messages = [{"role": "user", "content": prompt}]
             chunks = await aclient.chat.completions.create(
-                model="tiny", messages=messages, temperature=0, max_tokens=20, stream=True
+                model="tiny", messages=messages, temperature=0, max_tokens=N, stream=True
             )
             return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
-        chunks = await aclient.completions.create(
-            model="tiny", prompt=prompt, temperature=0, max_tokens=20, stream=True
-        )
+        chunks = await aclient.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=N, stream=True)
         return "".join([c.choices[0].text async for c in chunks])
 
     async def all_at_once() -> list[str]:
@@ -155,9 +159,9 @@ BAD_INPUTS = [  # (what, path, body or raw bytes, headers, status, words of the 
     ("n 0", "/v1/completions", {"model": "tiny", "prompt": "a", "n": 0}, AUTH, 400, "n: Input should"),
     ("unknown parameter", "/v1/chat/completions", {**CHAT, "tools": []}, AUTH, 400, "tools: unknown parameter"),
     ("unsupported penalty", "/v1/chat/completions", {**CHAT, "presence_penalty": 1}, AUTH, 400, "repetition_penalty"),
-    ("prompt too long", "/v1/completions", {"model": "tiny", "prompt": "word " * 200}, AUTH, 400, "max_seq_len"),
+    ("prompt too long", "/v1/completions", {"model": "tiny", "prompt": "word " * 4200}, AUTH, 400, "max_seq_len"),
     ("unknown model", "/v1/chat/completions", {**CHAT, "model": "gpt-4"}, AUTH, 404, "'gpt-4' does not exist"),
-    ("oversized body", "/v1/completions", {"model": "tiny", "prompt": "x" * 30000}, AUTH, 413, "limit of 20000 bytes"),
+    ("oversized body", "/v1/completions", {"model": "tiny", "prompt": "x" * 50000}, AUTH, 413, "limit of 40000 bytes"),
     ("missing key", "/v1/chat/completions", CHAT, {}, 401, "no API key given"),
     ("wrong key", "/v1/chat/completions", CHAT, {"Authorization": "Bearer nope"}, 401, "wrong API key"),
     ("key on /metrics too", "/metrics", None, {}, 401, "no API key given"),
@@ -190,7 +194,7 @@ def test_health_is_open_the_rest_needs_the_key(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     assert httpx.get(server.url + "/v1/models").status_code == 401
     models = httpx.get(server.url + "/v1/models", headers=AUTH).json()
-    assert [m["id"] for m in models["data"]] == ["tiny"] and models["data"][0]["max_model_len"] == 128
+    assert [m["id"] for m in models["data"]] == ["tiny"] and models["data"][0]["max_model_len"] == WINDOW
 
 
 def test_logprobs_equal_the_reference_model(server, client, tiny_checkpoints):
@@ -241,3 +245,49 @@ def test_a_full_queue_gets_429_with_retry_after(server):
     assert response.status_code == 429 and response.headers["Retry-After"] == "1", response.text
     assert "busy" in response.json()["error"]["message"]
     wait_until_idle(server)  # the choices already queued were cancelled
+
+
+def test_max_tokens_is_clipped_to_the_window(client):
+    prompt = [1] + [450] * (WINDOW - 10)  # token ids: 10 positions left
+    reply = client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=1000)
+    assert reply.choices[0].finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (WINDOW - 9, 9)
+
+
+def stream_lines(url: str, body: dict, lines: list[str], started: threading.Event) -> None:
+    """Reads one streamed completion into lines (an error ends with its repr)."""
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    started.set()
+    except httpx.HTTPError as error:
+        lines.append(repr(error))
+    started.set()
+
+
+def test_sigterm_finishes_short_requests_cuts_long_ones_at_the_deadline_and_exits_0(server):
+    """The last test here: it stops the module's server."""
+    base = {"model": "tiny", "prompt": "Once upon a time", "temperature": 0, "stream": True}
+    short, long = [], []
+    started = [threading.Event(), threading.Event()]
+    threads = [
+        threading.Thread(target=stream_lines, args=(server.url, {**base, "max_tokens": 3000}, long, started[0])),
+        threading.Thread(target=stream_lines, args=(server.url, {**base, "max_tokens": 10}, short, started[1])),
+    ]
+    for thread, event in zip(threads, started):
+        thread.start()
+        assert event.wait(30)
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(httpx.ConnectError):  # no new connections once it drains
+        httpx.get(server.url + "/health")
+    for thread in threads:
+        thread.join(30)
+    assert time.monotonic() - start < DRAIN_S + 2.0  # both streams over: the long one cut at the deadline
+    assert server.proc.wait(30) == 0, server.log()  # (the interpreter's exit with torch loaded takes seconds more)
+    assert short[-1] == "data: [DONE]" and json.loads(short[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert long[-1] == "data: [DONE]", long[-3:]  # cut, but as a well-formed stream
+    assert "shut down before the answer was complete" in json.loads(long[-2][6:])["error"]["message"]
