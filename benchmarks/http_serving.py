@@ -160,6 +160,8 @@ def plot(report: dict, path: Path) -> None:
     right.plot(n, [r["ttft_p99_s"] for r in rows], "s--", label="p99")
     right.set(xlabel="concurrent streaming clients", ylabel="seconds", title="Time to first token", xticks=n)
     right.legend()
+    left.set_ylim(bottom=0)
+    right.set_ylim(bottom=0)
     fig.suptitle(f"{report['model']} over HTTP ({report['step']} decode step), {report['machine']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
