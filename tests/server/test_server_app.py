@@ -238,6 +238,17 @@ def test_chat_logprobs_n_and_seed(server, client):
     assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)  # greedy
 
 
+def test_top_k_min_p_and_repetition_penalty_extensions(client):
+    def text(**kw) -> str:
+        out = client.completions.create(model="tiny", prompt=PROMPTS[4], max_tokens=10, extra_body=kw, seed=3)
+        return out.choices[0].text
+
+    greedy = text(temperature=0, repetition_penalty=0.2)
+    assert text(temperature=1.5, top_k=1, repetition_penalty=0.2) == greedy  # top_k 1: the argmax, penalized
+    assert text(temperature=0) != greedy  # (a penalty < 1 favours tokens already seen)
+    assert text(temperature=1.5, min_p=0.999, repetition_penalty=0.2) == greedy  # only the likeliest survives
+
+
 def test_a_full_queue_gets_429_with_retry_after(server):
     wait_until_idle(server)
     body = {"model": "tiny", "prompt": "a", "max_tokens": 50, "n": 128}  # more than max_queue + the slots
