@@ -16,6 +16,7 @@ follow its steps.
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from llama_gen import parallel
@@ -65,6 +66,8 @@ def check_server_flags(values: dict) -> dict:
             f"the server runs one copy of the model: --model_parallel_size must equal the number of processes "
             f"({world}), got {values['model_parallel_size']}"
         )
+    if world > 1:
+        follower()  # every rank fails here, before loading, when model-parallel serving is missing
     return defaults
 
 
@@ -90,11 +93,11 @@ def main(values: dict) -> None:
     api_key = values["api_key"] if values["api_key"] is not None else os.environ.get(API_KEY_ENV) or None
     name = model_name(values)
     llama = Llama.build(**flags.model_flags(values))
+    warm_up(llama)  # (on every rank: under model parallel the compiled step's first calls run together)
     if parallel.model_parallel_rank() != 0:  # model parallel: this rank mirrors rank 0's engine steps
-        follow(llama)
+        follower()(llama)
         parallel.shutdown_distributed()
         return
-    warm_up(llama)
     engine = Engine(llama, max_queue=values["max_queue"], prefill_chunk=values["prefill_chunk"])
     server = OpenAIServer(
         engine,
@@ -110,15 +113,19 @@ def main(values: dict) -> None:
 def warm_up(llama: Llama) -> None:
     """With --compile: builds the engine's compiled decode step now (cached on disk), before the first request."""
     if getattr(llama.forward, "compiled", False):  # a compiled llama_gen.fast.FastForward
-        print("compiling the decode step (cached on disk for the next run)...", file=sys.stderr, flush=True)
+        say = parallel.model_parallel_rank() == 0
+        if say:
+            print("compiling the decode step (cached on disk for the next run)...", file=sys.stderr, flush=True)
         seconds = llama.forward.warm_up((llama.model.args.max_batch_size,))
-        print(f"compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
+        if say:
+            print(f"compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
 
 
-def follow(llama: Llama) -> None:
-    """On a rank other than 0 under model parallel: runs the engine's steps as rank 0 plans them, until it closes."""
+def follower() -> Callable[[Llama], None]:
+    """Returns ``llama_gen.serve.engine.follow``: on a rank other than 0 under model parallel, it runs the engine's
+    steps as rank 0 plans them until rank 0's engine closes. Raises ValueError when this version lacks it."""
     from llama_gen.serve import engine
 
     if not hasattr(engine, "follow"):
         raise ValueError("model-parallel serving needs llama_gen.serve.engine.follow, which this version lacks")
-    engine.follow(llama)
+    return engine.follow
