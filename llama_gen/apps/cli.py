@@ -1,7 +1,8 @@
-"""The ``llama-gen`` command: ``chat``, ``complete``, ``info``, ``convert`` and ``reshard`` subcommands.
+"""The ``llama-gen`` command: ``chat``, ``complete``, ``serve``, ``info``, ``convert`` and ``reshard`` subcommands.
 
     llama-gen chat [--ckpt_dir DIR] [--temperature 0] [--system "..."] ...
     llama-gen complete PROMPTS.jsonl [--output OUT.jsonl] [--max_batch_size 8] ...
+    llama-gen serve [--ckpt_dir DIR] [--port 8000] [--api_key KEY] ...
     llama-gen info [--ckpt_dir DIR] [--max_seq_len 4096] [--max_batch_size 8]
     llama-gen convert [SRC OUT_DIR] [--dtype float32]
     llama-gen reshard ...
@@ -19,6 +20,7 @@ import fire
 COMMANDS = {
     "chat": ("llama_gen.apps.chat", "main"),
     "complete": ("llama_gen.apps.batch", "main"),
+    "serve": ("llama_gen.apps.serve", "main"),
     "info": ("llama_gen.apps.info", "main"),
     "convert": ("llama_gen.apps.convert", "main"),
     "reshard": ("llama_gen.convert.reshard", None),

@@ -81,17 +81,20 @@ class Engine:
     # ---- submitting -------------------------------------------------------------------------------------------
     def submit(
         self, prompt_tokens: Sequence[int], options: GenerationOptions | None = None, stop_ids: Sequence[int] = (),
-        **more: Any,
+        top_logprobs: int = 0, **more: Any,
     ) -> RequestHandle:  # fmt: skip
         """Queues one generation of prompt_tokens; returns its handle. ``stop_ids``: more ids that end it (a chat
-        format's); ``more``: any GenerationOptions field. Bad input raises ValueError here, before anything runs;
-        a full queue raises QueueFull, a closed engine EngineClosed."""
+        format's); ``top_logprobs``: with logprobs, also record each step's likeliest tokens (that many); ``more``:
+        any GenerationOptions field. Bad input raises ValueError here, before anything runs; a full queue raises
+        QueueFull, a closed engine EngineClosed."""
         self.llama.check_prompt_tokens([prompt_tokens])
         settings = self.llama.resolve(GenerationOptions.from_call(options, more), stop_ids)
         if settings.generator is None:  # each request draws from its own generator: traffic never shifts its draws
             seed = int(torch.randint(0, 2**62, (1,)))
             settings.generator = torch.Generator(device=self.llama.device).manual_seed(seed)
-        request = Request(list(prompt_tokens), settings, self.llama.tokenizer, self.model.args.max_seq_len)
+        request = Request(
+            list(prompt_tokens), settings, self.llama.tokenizer, self.model.args.max_seq_len, top_logprobs
+        )
         if request.limit <= len(request.prompt):  # no room to generate (max_gen_len 0, or a prompt filling the window)
             request.seq.close("length")
             request.push(Delta("", "length", 0), done=True)
@@ -259,7 +262,11 @@ class Engine:
         history = request.history if s.params.repetition_penalty != 1 else None
         token = int(sample_next_token(logits[None], s.params, token_ids=history, generator=s.generator))
         if s.options.logprobs:
-            request.logprobs.append(float(F.log_softmax(logits.float(), dim=-1)[token]))
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            request.logprobs.append(float(logprobs[token]))
+            if request.n_top:
+                top = logprobs.topk(request.n_top)
+                request.top_logprobs.append(list(zip(top.indices.tolist(), top.values.tolist())))
         request.sampled.append(token)
         request.timings.first_token = request.timings.first_token or time.perf_counter()
         request.seq.push(token)

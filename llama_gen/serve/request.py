@@ -56,6 +56,7 @@ class Completion:
     cached_tokens: int  # prompt tokens whose keys and values were reused from the slot (not prefilled)
     logprobs: list[float] | None
     timings: Timings
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (id, logprob) of the likeliest ones
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -71,13 +72,19 @@ class Request:
     The engine's thread is the only writer of progress; handles read it under ``self.lock``.
     """
 
-    def __init__(self, prompt: list[int], settings: Settings, tokenizer: Tokenizer, max_seq_len: int):
+    def __init__(
+        self, prompt: list[int], settings: Settings, tokenizer: Tokenizer, max_seq_len: int, top_logprobs: int = 0
+    ):
+        if not isinstance(top_logprobs, int) or isinstance(top_logprobs, bool) or top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be a non-negative integer, got {top_logprobs!r}")
         opts = settings.options
         self.prompt, self.settings = prompt, settings
         self.seq = SequenceText(tokenizer, settings.eos_ids, opts.stop, opts.stop_token_ids)
         self.limit = min(len(prompt) + settings.max_gen_len, max_seq_len)  # prompt + generated tokens, at most
         self.sampled: list[int] = []  # every sampled token (the output drops stop sequences)
         self.logprobs: list[float] = []  # of each sampled token, with opts.logprobs
+        self.n_top = min(top_logprobs, tokenizer.n_words) if opts.logprobs else 0
+        self.top_logprobs: list[list[tuple[int, float]]] = []  # of each step, with n_top
         self.slot: int | None = None
         self.next_pos = 0  # the next cache position this request writes
         self.cached_tokens = 0
@@ -120,7 +127,7 @@ class Request:
         return Completion(
             self.seq.text, list(self.seq.tokens), self.seq.finish_reason or "length", len(self.prompt),
             len(self.seq.tokens), self.cached_tokens, self.logprobs[: len(self.seq.tokens)] if opts.logprobs else None,
-            self.timings,
+            self.timings, self.top_logprobs[: len(self.seq.tokens)] if self.n_top else None,
         )  # fmt: skip
 
 
@@ -138,6 +145,17 @@ class RequestHandle:
     @property
     def timings(self) -> Timings:
         return self._request.timings
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._request.prompt)
+
+    def kept(self, start: int, end: int) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
+        """Returns the output's tokens ``[start:end]`` so far (``Delta.n_tokens`` counts them) with their logprobs and
+        top logprobs (empty lists where not asked for): what a stream shows alongside each delta's text."""
+        r = self._request
+        with r.lock:
+            return r.seq.tokens[start:end], r.logprobs[start:end], r.top_logprobs[start:end]
 
     def cancel(self) -> None:
         """Stops the request (its iterators end with RequestCancelled unless it had already finished)."""
