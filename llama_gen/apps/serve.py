@@ -11,20 +11,21 @@ out (then the checkpoint's generation_config.json, then the library's); --max_ge
 --drain_timeout seconds (then cancel them), exit 0.
 
 Under torchrun with model parallel every rank runs the engine: rank 0 serves HTTP and schedules, the other ranks
-follow its steps.
+make the same model calls (llama_gen.serve.ranks). By default the first requests are answered with the eager decode
+step while the compiled one builds in the background (--compile auto; --compile: before serving; --nocompile).
 """
 
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from llama_gen import parallel
 from llama_gen.apps import flags
 from llama_gen.apps.errors import friendly_errors
-from llama_gen.apps.flags import MODEL_FLAGS, SAMPLING_FLAGS, STOP_FLAG, Flag, select, takes
+from llama_gen.apps.flags import COMPILE_AUTO, MODEL_FLAGS, SAMPLING_FLAGS, STOP_FLAG, Flag, select, takes
 from llama_gen.generation import Llama
 from llama_gen.serve import Engine
+from llama_gen.serve.ranks import follow, schedules
 from llama_gen.server import OpenAIServer, serve
 
 API_KEY_ENV = "LLAMA_GEN_API_KEY"
@@ -66,8 +67,6 @@ def check_server_flags(values: dict) -> dict:
             f"the server runs one copy of the model: --model_parallel_size must equal the number of processes "
             f"({world}), got {values['model_parallel_size']}"
         )
-    if world > 1:
-        follower()  # every rank fails here, before loading, when model-parallel serving is missing
     return defaults
 
 
@@ -83,7 +82,7 @@ def model_name(values: dict) -> str:
 
 
 @friendly_errors
-@takes(select(MODEL_FLAGS, max_batch_size=8), SAMPLING_FLAGS, [STOP_FLAG], SERVER_FLAGS)
+@takes(select(MODEL_FLAGS, max_batch_size=8, compile=COMPILE_AUTO), SAMPLING_FLAGS, [STOP_FLAG], SERVER_FLAGS)
 def main(values: dict) -> None:
     """Serves the model over HTTP with OpenAI's API until SIGTERM or Ctrl-C; returns None.
 
@@ -94,11 +93,14 @@ def main(values: dict) -> None:
     name = model_name(values)
     llama = Llama.build(**flags.model_flags(values))
     warm_up(llama)  # (on every rank: under model parallel the compiled step's first calls run together)
-    if parallel.model_parallel_rank() != 0:  # model parallel: this rank mirrors rank 0's engine steps
-        follower()(llama)
+    if not schedules():  # model parallel: this rank makes the model calls of rank 0's engine
+        follow(llama)
         parallel.shutdown_distributed()
         return
-    engine = Engine(llama, max_queue=values["max_queue"], prefill_chunk=values["prefill_chunk"])
+    engine = Engine(
+        llama, max_queue=values["max_queue"], prefill_chunk=values["prefill_chunk"],
+        compile_in_background=flags.compile_in_background(values),
+    )  # fmt: skip
     server = OpenAIServer(
         engine,
         name,
@@ -119,13 +121,3 @@ def warm_up(llama: Llama) -> None:
         seconds = llama.forward.warm_up((llama.model.args.max_batch_size,))
         if say:
             print(f"compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
-
-
-def follower() -> Callable[[Llama], None]:
-    """Returns ``llama_gen.serve.engine.follow``: on a rank other than 0 under model parallel, it runs the engine's
-    steps as rank 0 plans them until rank 0's engine closes. Raises ValueError when this version lacks it."""
-    from llama_gen.serve import engine
-
-    if not hasattr(engine, "follow"):
-        raise ValueError("model-parallel serving needs llama_gen.serve.engine.follow, which this version lacks")
-    return engine.follow

@@ -8,6 +8,11 @@ gets the whole logits, but only the scheduling rank samples; the tokens it sampl
 call's inputs). Without model parallel nothing is sent.
 """
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
@@ -81,6 +86,22 @@ class ModelCalls:
             dist.broadcast(tensor.reshape(-1).contiguous(), src, group=group)
 
 
+@contextlib.contextmanager
+def scheduler_decides_when_to_stop() -> Iterator[None]:
+    """Ignores SIGINT and SIGTERM meanwhile (in the main thread): torchrun passes a stop signal to every rank, and a
+    follower that left at once would leave the scheduling rank unable to finish what is in flight; the follower
+    leaves when the scheduler's engine closes (or its connection drops)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def follow(llama: Llama) -> None:
     """On a model-parallel rank that does not schedule: makes the scheduling rank's model calls until its engine
     closes; returns None. (Without model parallel, or on the scheduling rank, returns at once.)"""
@@ -95,7 +116,7 @@ def follow(llama: Llama) -> None:
         dist.broadcast(tensor, src, group=group)
         return tensor
 
-    with llama.exclusive(wait=False), torch.inference_mode():
+    with llama.exclusive(wait=False), torch.inference_mode(), scheduler_decides_when_to_stop():
         while True:
             op, a, b, n = receive(4).tolist()
             if op == STOP:

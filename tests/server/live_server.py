@@ -15,12 +15,25 @@ READY = re.compile(r"serving (\S+) at (http://\S+)/v1 ")
 
 
 class LiveServer:
-    """``python scripts/serve.py ARGS --port 0`` with its output in log_path; ``url`` once it answers /health."""
+    """``python [LAUNCHER] scripts/serve.py ARGS --port 0`` (launcher: e.g. torchrun's module and flags) with its
+    output in log_path; ``url`` once it answers /health."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, timeout: float = 120):
+    def __init__(
+        self, args: list[str], log_path: Path, env: dict | None = None, timeout: float = 120, launcher: tuple = ()
+    ):
         self.log_path = log_path
         env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-        cmd = [sys.executable, str(REPO / "scripts" / "serve.py"), *args, "--port", "0"]
+        # (--compile False: no compiled step built in the background while the tests run)
+        cmd = [
+            sys.executable,
+            *launcher,
+            str(REPO / "scripts" / "serve.py"),
+            "--compile",
+            "False",
+            *args,
+            "--port",
+            "0",
+        ]
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.model, self.url = self._wait_for_line(timeout)

@@ -22,7 +22,7 @@ def engine(tiny_llama):
 
 def fail_second_step(engine, monkeypatch) -> None:
     calls = {"n": 0}
-    real = engine.step.decode_rows
+    real = engine.calls.step.decode_rows
 
     def failing(*args):
         calls["n"] += 1
@@ -30,7 +30,7 @@ def fail_second_step(engine, monkeypatch) -> None:
             raise RuntimeError("out of memory (simulated)")
         return real(*args)
 
-    monkeypatch.setattr(engine.step, "decode_rows", failing)
+    monkeypatch.setattr(engine.calls.step, "decode_rows", failing)
 
 
 def post(engine, body: dict) -> httpx.Response:
