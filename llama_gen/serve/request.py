@@ -74,7 +74,9 @@ class Request:
     def __init__(self, prompt: list[int], settings: Settings, tokenizer: Tokenizer, max_seq_len: int):
         opts = settings.options
         self.prompt, self.settings = prompt, settings
-        self.seq = SequenceText(tokenizer, settings.eos_ids, opts.stop, opts.stop_token_ids)
+        self.seq = SequenceText(
+            tokenizer, settings.eos_ids, opts.stop, opts.stop_token_ids, skip_special_tokens=opts.skip_special_tokens
+        )
         self.limit = min(len(prompt) + settings.max_gen_len, max_seq_len)  # prompt + generated tokens, at most
         self.sampled: list[int] = []  # every sampled token (the output drops stop sequences)
         self.logprobs: list[float] = []  # of each sampled token, with opts.logprobs
