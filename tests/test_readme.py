@@ -35,7 +35,7 @@ def shown_outputs(block: str) -> list[str]:
 
 def pattern(shown: str) -> re.Pattern:
     """Returns the regex a shown output stands for: literal text, with ``...`` matching anything."""
-    return re.compile(".*".join(re.escape(part) for part in shown.split("...")), flags=re.S)
+    return re.compile(".*?".join(re.escape(part) for part in shown.split("...")), flags=re.S)
 
 
 BLOCKS = python_blocks(README.read_text())
