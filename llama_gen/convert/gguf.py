@@ -61,7 +61,7 @@ def open_gguf(src: Path) -> Any:
     try:
         return GGUFReader(str(src))
     except (ValueError, OSError, IndexError, KeyError) as e:  # the reader's errors for truncated or foreign bytes
-        raise files.damaged(src, "is not a readable GGUF file (truncated or damaged)", e) from e
+        raise files.damaged(src, "is not a readable GGUF file", e) from e  # truncated, damaged or not GGUF
 
 
 def gguf_metadata(reader: Any) -> dict[str, Any]:

@@ -50,12 +50,15 @@ def test_cli_converts(tmp_path: Path) -> None:
     assert state["norm.weight"].dtype == torch.float16
 
 
-def test_damaged_sources_are_named_in_one_line(tmp_path: Path) -> None:
-    """config.json and a safetensors file of a Hugging Face directory, and a truncated GGUF:
-    ValueError from the API, one line and status 2 from scripts/convert.py."""
+def test_damaged_sources_are_named_in_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    """config.json and a safetensors file of a Hugging Face directory, and a truncated GGUF: ValueError from the API,
+    one line and status 2 from `llama-gen convert` (scripts/convert.py runs the same main)."""
     from tiny_sources import GGUF_TYPES, tiny_vocab, write_gguf
 
+    from llama_gen.apps import cli
     from llama_gen.files import FIX
+
+    monkeypatch.delenv("LLAMA_GEN_TRACEBACK", raising=False)
 
     tiny_hf_model().save_pretrained(tmp_path / "hf")
     write_gguf(tmp_path / "tiny.gguf", tiny_hf_model(intermediate_size=192, vocab_size=len(tiny_vocab())), GGUF_TYPES)
@@ -75,5 +78,7 @@ def test_damaged_sources_are_named_in_one_line(tmp_path: Path) -> None:
             convert(src, tmp_path / "out")
         message = str(raised.value)
         assert message.startswith(f"{damaged} {says}") and message.endswith(FIX) and "\n" not in message, message
-        result = run_script(src, tmp_path / "out")
-        assert result.returncode == 2 and result.stderr == f"error: {message}\n", result.stderr
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(["convert", str(src), str(tmp_path / "out")])
+        assert stopped.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"

@@ -11,6 +11,7 @@ import torch
 from tiny_sources import REPO, tiny_hf_model, tiny_vocab, transformers, write_tiny_tokenizer
 
 from llama_gen import GenerationOptions, Llama
+from llama_gen.convert import convert
 from llama_gen.options import LIBRARY_DEFAULTS
 from llama_gen.serve.chat import ChatSession
 
@@ -80,7 +81,7 @@ def test_fields_left_out_take_transformers_defaults(tmp_path: Path) -> None:
     # What transformers' generate() uses: the file's values over its defaults for the fields left out (None).
     given = transformers.GenerationConfig.from_pretrained(tmp_path / "hf").to_dict()
     hf = {**transformers.GenerationConfig._get_default_generation_params(), **{k: v for k, v in given.items() if v}}
-    llama = build(convert_with_script(tmp_path / "hf", tmp_path / "ckpt"))
+    llama = build(convert(tmp_path / "hf", tmp_path / "ckpt"))
     params = llama.resolve(GenerationOptions()).params
     ours = (params.temperature, params.top_p, params.top_k, params.repetition_penalty)
     assert ours == (hf["temperature"], hf["top_p"], hf["top_k"], hf["repetition_penalty"]) == (1.0, 1.0, 50, 1.0)
