@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny_sources import CHATML, LLAMA3_ROPE, load_ours, max_diff, tiny_hf_model
 
+from llama_gen.apps import cli
 from llama_gen.convert import convert
 from llama_gen.convert.hf import convert_hf, hf_rope
 from llama_gen.convert.meta_checkpoint import expected_shapes, meta_ffn_hidden
@@ -139,7 +140,8 @@ def test_hf_rope_reads_transformers_4_configs() -> None:
     assert hf_rope({}, Path("x")) == (10000.0, None)
 
 
-def test_hf_rejects_unsupported_models(tmp_path: Path) -> None:
+def test_hf_rejects_unsupported_models(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("LLAMA_GEN_TRACEBACK", raising=False)
     src = tmp_path / "hf"
     tiny_hf_model().save_pretrained(src)
     config = json.loads((src / "config.json").read_text())
@@ -151,6 +153,11 @@ def test_hf_rejects_unsupported_models(tmp_path: Path) -> None:
     (src / "config.json").write_text(json.dumps(mistral))
     with pytest.raises(NotImplementedError, match="sliding_window=4096 .* not supported"):
         convert(src, tmp_path / "out")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:  # the program: that reason in one line, no traceback
+        cli.main(["convert", str(src), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "sliding_window" in err
     (src / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
     with pytest.raises(NotImplementedError, match="attention_bias"):
         convert(src, tmp_path / "out")
