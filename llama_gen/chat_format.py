@@ -49,6 +49,8 @@ class ChatFormat(ABC):
     """How a dialog becomes the prompt ids after which the model writes the assistant's answer."""
 
     name: str
+    special_tags: tuple[str, ...]  # reserved: a message containing one is refused (or answered with tag_reply)
+    tag_reply: str | None = None  # chat_completion's reply to a dialog with special tags, where the reference has one
 
     @abstractmethod
     def encode_dialog(self, tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
@@ -58,9 +60,14 @@ class ChatFormat(ABC):
     def stop_ids(self, tokenizer: Tokenizer) -> list[int]:
         """Returns the ids, beyond the tokenizer's eos_ids, that end the assistant's turn."""
 
-    @abstractmethod
-    def validate(self, dialog: Dialog) -> None:
-        """Returns None if dialog fits this format; raises ValueError saying what is wrong otherwise."""
+    def validate(self, dialog: Dialog, tags_ok: bool = False) -> None:
+        """Returns None if dialog fits this format (special tags only if tags_ok); raises ValueError saying why not."""
+        _validate_dialog(dialog, () if tags_ok else self.special_tags)
+
+    def reply(self, dialog: Dialog, text: str) -> str:
+        """Returns the reply to dialog, its generated text: or tag_reply for a dialog with special tags, if set."""
+        tagged = any(tag in msg["content"] for tag in self.special_tags for msg in dialog)
+        return self.tag_reply if tagged and self.tag_reply is not None else text
 
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -73,14 +80,11 @@ class Llama2ChatFormat(ChatFormat):
 
     name = "llama2"
     special_tags = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
-
-    def validate(self, dialog: Dialog) -> None:
-        """Returns None if dialog fits the Llama 2 template; raises ValueError otherwise."""
-        _validate_dialog(dialog, self.special_tags)
+    tag_reply = "Error: special tags are not allowed as part of the prompt."  # Meta's UNSAFE_ERROR
 
     def encode_dialog(self, tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
-        """Returns the Llama 2 chat prompt ids, exactly as Meta's Llama.chat_completion builds them."""
-        self.validate(dialog)
+        """Returns the Llama 2 chat prompt ids, exactly as Meta's Llama.chat_completion builds them (tags included)."""
+        self.validate(dialog, tags_ok=True)
         if dialog[0]["role"] == "system":
             first = {"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
             dialog = [first] + dialog[2:]
@@ -103,10 +107,6 @@ class Llama3ChatFormat(ChatFormat):
 
     name = "llama3"
     special_tags = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>")
-
-    def validate(self, dialog: Dialog) -> None:
-        """Returns None if dialog fits the Llama 3 format; raises ValueError otherwise."""
-        _validate_dialog(dialog, self.special_tags)
 
     def _header(self, tokenizer: Tokenizer, role: str) -> list[int]:
         return (
@@ -147,10 +147,6 @@ class ChatMLFormat(ChatFormat):
 
     def __init__(self, default_system: str | None = None):
         self.default_system = default_system
-
-    def validate(self, dialog: Dialog) -> None:
-        """Returns None if dialog fits ChatML; raises ValueError otherwise."""
-        _validate_dialog(dialog, self.special_tags)
 
     def encode_dialog(self, tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
         """Returns the ChatML prompt ids, ending with "<|im_start|>assistant\\n"."""

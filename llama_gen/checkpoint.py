@@ -7,7 +7,6 @@ time, each source's pages dropped as it goes, so loading never holds two copies 
 
 import contextlib
 import ctypes
-import json
 import mmap
 import re
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llama_gen import parallel
+from llama_gen import files, parallel
 from llama_gen.model import ModelArgs, Transformer
 from llama_gen.tokenizer import Tokenizer
 
@@ -33,7 +32,7 @@ def read_params(ckpt_dir: Path) -> dict:
             f"{path} not found: a checkpoint directory needs params.json and consolidated.XX.pth shards "
             f"(convert a GGUF file or Hugging Face directory with `python scripts/convert.py SRC OUT_DIR`)"
         )
-    return json.loads(path.read_text())
+    return files.read_json(path)
 
 
 def find_shards(ckpt_dir: Path) -> list[Path]:
@@ -57,8 +56,7 @@ def open_shards(ckpt_dir: Path) -> list[dict[str, torch.Tensor]]:
     paths = find_shards(ckpt_dir)
     shards = []
     for path in paths:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        shards.append({k: v for k, v in state.items() if k not in IGNORED_KEYS})
+        shards.append({k: v for k, v in files.load_shard(path).items() if k not in IGNORED_KEYS})
     for path, state in zip(paths[1:], shards[1:]):
         missing, extra = set(shards[0]) - set(state), set(state) - set(shards[0])
         if missing or extra:
@@ -181,7 +179,7 @@ def convert_weights(
 def read_generation_config(ckpt_dir: Path) -> dict:
     """Returns the checkpoint's ``generation_config.json`` (empty if absent)."""
     path = Path(ckpt_dir) / "generation_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return files.read_json(path) if path.is_file() else {}
 
 
 def load_model(

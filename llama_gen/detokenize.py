@@ -26,8 +26,8 @@ class IncrementalDecoder:
     sequence, so streaming costs O(window) per id, not O(length).
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = False):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
         self.ids = [int(i) for i in prompt_ids]
         self.read_offset = len(self.ids)  # ids before this are already emitted (or are the prompt)
         self.prefix_offset = max(0, self.read_offset - PROMPT_CONTEXT_TOKENS)  # decode context starts here
@@ -35,8 +35,8 @@ class IncrementalDecoder:
         self.finished = False
 
     def _advance(self, final: bool) -> str:
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        new_text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        new_text = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip)
         if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
             return ""
         delta = new_text[len(prefix_text) :]

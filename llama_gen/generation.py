@@ -22,7 +22,7 @@ from llama_gen.checkpoint import load_model, read_generation_config
 from llama_gen.devices import resolve_device, resolve_dtype, warn_if_slow
 from llama_gen.loop import Forward, PaddedBatch, Result, Settings, StreamChunk
 from llama_gen.model import Transformer
-from llama_gen.options import GenerationOptions
+from llama_gen.options import GenerationOptions, is_int
 from llama_gen.tokenizer import Tokenizer, load_tokenizer
 
 # The reference's positional arguments of each call, in its order (Meta's llama/generation.py).
@@ -52,18 +52,11 @@ class ChatPrediction(TypedDict, total=False):
 class Llama:
     @staticmethod
     def build(
-        ckpt_dir: str | None = None,
-        tokenizer_path: str | None = None,
-        max_seq_len: int = 2048,
-        max_batch_size: int = 4,
-        model_parallel_size: int | None = None,
-        seed: int = 1,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        chat_format: str | None = None,
-        compile: bool = False,
-        quantize: str | None = None,
-    ) -> "Llama":
+        ckpt_dir: str | None = None, tokenizer_path: str | None = None, max_seq_len: int = 2048,
+        max_batch_size: int = 4, model_parallel_size: int | None = None, seed: int = 1,
+        device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+        chat_format: str | None = None, compile: bool = False, quantize: str | None = None,
+    ) -> "Llama":  # fmt: skip
         """Returns a ready generator loaded from a Meta-style checkpoint directory.
 
         With no ckpt_dir, the default model (SmolLM2-135M-Instruct) is used, converted on first use
@@ -71,8 +64,10 @@ class Llama:
         the model is split over ``model_parallel_size`` processes (default: all of them). ``compile`` and
         ``quantize="int8"`` hand the model to the fast path (llama_gen.fast, see from_model).
         """
-        if max_seq_len < 2 or max_batch_size < 1:
-            raise ValueError(f"need max_seq_len >= 2 and max_batch_size >= 1, got {max_seq_len} and {max_batch_size}")
+        sizes = {"max_seq_len": (max_seq_len, 2), "max_batch_size": (max_batch_size, 1), "seed": (seed, -(2**63))}
+        for name, (value, low) in sizes.items():
+            if not is_int(value, low):
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if quantize is not None:
             from llama_gen.fast import check_quantization  # the lazy hook into the optional fast path
 
@@ -96,9 +91,10 @@ class Llama:
         llama = Llama.from_model(
             model, tokenizer, compile=compile, quantize=quantize, generation_config=config, chat_format=chat_format
         )
-        loaded = f"Loaded {ckpt_dir} in {time.time() - start:.2f} s ({dtype}, {device}, mp={mp_size})"
         if int(os.environ.get("RANK", "0")) == 0:
-            print(loaded, file=sys.stderr)
+            print(
+                f"Loaded {ckpt_dir} in {time.time() - start:.2f} s ({dtype}, {device}, mp={mp_size})", file=sys.stderr
+            )
         return llama
 
     @classmethod
@@ -118,14 +114,9 @@ class Llama:
         return cls(model, tokenizer, forward=forward, **kw)
 
     def __init__(
-        self,
-        model: Transformer,
-        tokenizer: Tokenizer,
-        generation_config: dict | None = None,
-        chat_format: str | None = None,
-        *,
-        forward: Forward | None = None,
-    ):
+        self, model: Transformer, tokenizer: Tokenizer, generation_config: dict | None = None,
+        chat_format: str | None = None, *, forward: Forward | None = None,
+    ):  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
         self.forward: Forward = forward or model.forward  # tokens, start_pos, last_only -> logits
@@ -169,11 +160,12 @@ class Llama:
     ) -> list[ChatPrediction]:
         """Returns the assistant's reply to each dialog, in the checkpoint's chat format unless chat_format names
         another. Positional arguments: temperature, top_p, max_gen_len, logprobs; keywords: ``options`` or any
-        GenerationOptions field."""
+        GenerationOptions field. A Llama 2 dialog with special tags gets the reference's reply (ChatFormat.reply)."""
         opts = GenerationOptions.from_call(more.pop("options", None), more, CHAT_ARGS, args)
-        prompt_tokens, fmt = self.encode_dialogs(dialogs, chat_format)
+        prompt_tokens, fmt = self.encode_dialogs(dialogs, chat_format, tags_ok=True)
         results = self._run(prompt_tokens, self.resolve(opts, fmt.stop_ids(self.tokenizer)))
-        return [self._prediction({"role": "assistant", "content": r.text}, r, opts) for r in results]
+        replies = [{"role": "assistant", "content": fmt.reply(d, r.text)} for d, r in zip(dialogs, results)]
+        return [self._prediction(reply, r, opts) for reply, r in zip(replies, results)]
 
     # ---- streaming: the same loop, its news handed out after every step ---------------------------------------
     def stream_text_completion(
@@ -209,16 +201,16 @@ class Llama:
 
     def encode_dialog(self, dialog: Dialog, chat_format: str | None = None) -> list[int]:
         """Returns the token ids chat_completion feeds the model for dialog (validated first)."""
-        fmt = self.get_chat_format(chat_format)
-        fmt.validate(dialog)
-        return fmt.encode_dialog(self.tokenizer, dialog)
+        return self.encode_dialogs([dialog], chat_format)[0][0]
 
-    def encode_dialogs(self, dialogs: Sequence[Dialog], chat_format: str | None) -> tuple[list[list[int]], ChatFormat]:
-        """Returns every dialog's token ids (all validated before any is encoded) and the chat format used."""
+    def encode_dialogs(
+        self, dialogs: Sequence[Dialog], chat_format: str | None, tags_ok: bool = False
+    ) -> tuple[list[list[int]], ChatFormat]:
+        """Returns every dialog's token ids (all validated first) and the chat format (tags_ok: ChatFormat.reply)."""
         _check_list(dialogs, "dialogs")
         fmt = self.get_chat_format(chat_format)
         for dialog in dialogs:
-            fmt.validate(dialog)
+            fmt.validate(dialog, tags_ok and fmt.tag_reply is not None)
         return [fmt.encode_dialog(self.tokenizer, d) for d in dialogs], fmt
 
     def get_chat_format(self, name: str | None = None) -> ChatFormat:

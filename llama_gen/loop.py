@@ -68,7 +68,8 @@ class PaddedBatch:
                 self.tokens[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=llama.device)
             self.is_prompt = self.tokens != PAD
             self.token_logprobs = torch.zeros(self.tokens.shape, device=llama.device) if self.logprobs else None
-        stops = (settings.eos_ids, settings.options.stop, settings.options.stop_token_ids, settings.track_text)
+        opts = settings.options
+        stops = (settings.eos_ids, opts.stop, opts.stop_token_ids, settings.track_text, opts.skip_special_tokens)
         self.seqs = [SequenceText(llama.tokenizer, *stops) for _ in prompts]
         for seq, n, limit in zip(self.seqs, self.prompt_lens, self.limits):
             if limit <= n:

@@ -26,6 +26,7 @@ class ModelArgs:
     use_scaled_rope: bool = False  # Llama 3.1 params.json flag: rope scaling with Meta's fixed factors
     # Llama 3.1 rope scaling: {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
     rope_scaling: dict | None = None
+    qkv_bias: bool = False  # biases on wq, wk, wv (Qwen2); none costs nothing
 
     max_batch_size: int = 32
     max_seq_len: int = 2048
@@ -111,9 +112,9 @@ class Attention(nn.Module):
         self.n_local_heads = args.n_heads // mp
         self.n_local_kv_heads = args.kv_heads // mp
         self.head_dim = args.head_dim
-        self.wq = parallel.column_linear(args.dim, args.n_heads * self.head_dim)
-        self.wk = parallel.column_linear(args.dim, args.kv_heads * self.head_dim)
-        self.wv = parallel.column_linear(args.dim, args.kv_heads * self.head_dim)
+        self.wq = parallel.column_linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = parallel.column_linear(args.dim, args.kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = parallel.column_linear(args.dim, args.kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = parallel.row_linear(args.n_heads * self.head_dim, args.dim)
         self.wqkv: nn.Module | None = None  # wq, wk, wv as one matmul, set by fast.fuse_projections
         self.cache_k: torch.Tensor | None = None

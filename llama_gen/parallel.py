@@ -133,13 +133,13 @@ def _fairscale(cls: type, *args, **kwargs) -> nn.Module:
     return module.to_empty(device=torch.get_default_device())
 
 
-def column_linear(in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
-    """Returns a bias-free linear layer whose output features are split across model-parallel ranks."""
+def column_linear(in_features: int, out_features: int, gather_output: bool = False, bias: bool = False) -> nn.Module:
+    """Returns a linear layer (bias if asked) whose output features (and bias) are split across model-parallel ranks."""
     if model_parallel_world_size() == 1:
-        return nn.Linear(in_features, out_features, bias=False)
+        return nn.Linear(in_features, out_features, bias=bias)
     from fairscale.nn.model_parallel.layers import ColumnParallelLinear
 
-    return _fairscale(ColumnParallelLinear, in_features, out_features, bias=False, gather_output=gather_output)
+    return _fairscale(ColumnParallelLinear, in_features, out_features, bias=bias, gather_output=gather_output)
 
 
 def row_linear(in_features: int, out_features: int) -> nn.Module:

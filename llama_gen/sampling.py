@@ -1,9 +1,8 @@
 """Next-token sampling: small pure functions on [batch, vocab] logits.
 
-Each filter returns a new tensor with removed entries set to -inf, matches the
-corresponding Hugging Face logits warper, and branches only on Python
-scalars (never on tensor values), so the chain traces under torch.compile
-without host syncs.
+Each filter returns a new tensor with removed entries set to -inf, matches the corresponding Hugging Face logits warper,
+and branches only on Python scalars (never on tensor values), so the chain traces under torch.compile without host
+syncs.
 """
 
 from __future__ import annotations
@@ -61,8 +60,7 @@ def apply_temperature(logits: Tensor, temperature: float, check: bool = True) ->
 def top_k_filter(logits: Tensor, k: int, check: bool = True) -> Tensor:
     """Return logits with everything below the k-th largest value per row set to -inf.
 
-    Ties with the k-th value are kept (as in HF TopKLogitsWarper); k=0 or k>=vocab
-    returns the logits unchanged.
+    Ties with the k-th value are kept (as in HF TopKLogitsWarper); k=0 or k>=vocab returns the logits unchanged.
     """
     if check:
         _check("top_k", k)
@@ -75,9 +73,8 @@ def top_k_filter(logits: Tensor, k: int, check: bool = True) -> Tensor:
 def top_p_filter(logits: Tensor, p: float, check: bool = True) -> Tensor:
     """Return logits with tokens outside the nucleus of mass p set to -inf.
 
-    Same rule as HF TopPLogitsWarper(min_tokens_to_keep=1): walking up from the least
-    likely token, drop tokens while their cumulative probability is <= 1 - p; the most
-    likely token is always kept. p=1 returns the logits unchanged.
+    Same rule as HF TopPLogitsWarper(min_tokens_to_keep=1): walking up from the least likely token, drop tokens while
+    their cumulative probability is <= 1 - p; the most likely token is always kept. p=1 returns the logits unchanged.
     """
     if check:
         _check("top_p", p)
@@ -95,8 +92,7 @@ def top_p_filter(logits: Tensor, p: float, check: bool = True) -> Tensor:
 def min_p_filter(logits: Tensor, min_p: float, check: bool = True) -> Tensor:
     """Return logits with tokens whose probability is < min_p * max probability set to -inf.
 
-    Same rule as HF MinPLogitsWarper(min_tokens_to_keep=1); min_p=0 returns the logits
-    unchanged.
+    Same rule as HF MinPLogitsWarper(min_tokens_to_keep=1); min_p=0 returns the logits unchanged.
     """
     if check:
         _check("min_p", min_p)
@@ -113,10 +109,9 @@ def apply_repetition_penalty(
 ) -> Tensor:
     """Return logits with every token seen in the row's token_ids penalized once.
 
-    logits: [batch, vocab]; token_ids: [batch, seq] of prompt + generated ids, padded
-    with pad_id (any value, e.g. -1 or 0), which is ignored. Penalized scores are
-    score * penalty if score < 0 else score / penalty (HF RepetitionPenaltyLogitsProcessor).
-    Ids outside [0, vocab) are ignored, like HF ignores ids past the logits' vocab.
+    logits: [batch, vocab]; token_ids: [batch, seq] of prompt + generated ids, padded with pad_id (any value, e.g. -1 or
+    0), which is ignored. Penalized scores are score * penalty if score < 0 else score / penalty (HF
+    RepetitionPenaltyLogitsProcessor). Ids outside [0, vocab) are ignored, like HF ignores ids past the logits' vocab.
     """
     if check:
         _check("repetition_penalty", penalty)
@@ -163,17 +158,13 @@ def sample_top_p(probs: Tensor, p: float, generator: torch.Generator | None = No
 
 
 def sample_next_token(
-    logits: Tensor,
-    params: SamplingParams,
-    token_ids: Tensor | None = None,
-    pad_id: int = -1,
+    logits: Tensor, params: SamplingParams, token_ids: Tensor | None = None, pad_id: int = -1,
     generator: torch.Generator | None = None,
-) -> Tensor:
+) -> Tensor:  # fmt: skip
     """Return [batch] int64 next-token ids sampled from [batch, vocab] logits.
 
-    Order: repetition penalty (if != 1 and token_ids given) -> argmax if temperature
-    is 0 -> temperature -> top_k -> top_p -> min_p -> softmax (fp32) -> multinomial.
-    generator (on logits' device) makes draws reproducible per call.
+    Order: repetition penalty (if != 1 and token_ids given) -> argmax if temperature is 0 -> temperature -> top_k ->
+    top_p -> min_p -> softmax (fp32) -> multinomial. generator (on logits' device) makes draws reproducible per call.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")

@@ -25,17 +25,13 @@ class SequenceText:
     """Tracks one generated sequence: its kept tokens, its final text, and why it stopped."""
 
     def __init__(
-        self,
-        tokenizer,
-        eos_ids: Sequence[int],
-        stop: Sequence[str] = (),
-        stop_token_ids: Sequence[Sequence[int]] = (),
-        track_text: bool = True,
-    ):
+        self, tokenizer, eos_ids: Sequence[int], stop: Sequence[str] = (), stop_token_ids: Sequence[Sequence[int]] = (),
+        track_text: bool = True, skip_special_tokens: bool = False,
+    ):  # fmt: skip
         self.eos_ids = set(eos_ids)
         self.stop = [s for s in stop if s]
         self.stop_token_ids = [list(s) for s in stop_token_ids if len(s)]
-        self.decoder = IncrementalDecoder(tokenizer) if track_text else None
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=skip_special_tokens) if track_text else None
         self.tokens: list[int] = []  # generated tokens that are part of the output
         self.pending: list[int] = []  # tokens that may be the start of a stop token sequence
         self.text = ""  # decoded text of self.tokens (minus anything held back by the decoder)

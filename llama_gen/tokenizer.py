@@ -1,6 +1,5 @@
 """Tokenizers behind one small interface: sentencepiece (Llama 1/2), tiktoken (Llama 3), Hugging Face tokenizer.json."""
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -9,6 +8,8 @@ import sentencepiece
 import tiktoken
 import tokenizers
 from tiktoken.load import load_tiktoken_bpe
+
+from llama_gen.files import damaged, read_json
 
 
 class Tokenizer(ABC):
@@ -32,8 +33,8 @@ class Tokenizer(ABC):
         """Returns the ids of plain text s (special-token strings in s are encoded as ordinary text)."""
 
     @abstractmethod
-    def decode(self, ids: Sequence[int]) -> str:
-        """Returns the text of ids; negative ids (padding) are dropped, ids >= n_words raise ValueError."""
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Returns the text of ids (specials left out if skip_special_tokens); drops ids < 0, ids >= n_words raise."""
 
     @abstractmethod
     def special_id(self, token: str) -> int:
@@ -73,8 +74,8 @@ class SentencePieceTokenizer(Tokenizer):
         """Returns the ids of s, with bos/eos added as asked."""
         return ([self.bos_id] if bos else []) + self.sp_model.encode(s) + ([self.eos_id] if eos else [])
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Returns the text of ids (control tokens decode to "", a leading space is stripped)."""
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Returns the text of ids (control tokens always decode to "", a leading space is stripped)."""
         return self.sp_model.decode(self._decodable(ids))
 
     def special_id(self, token: str) -> int:
@@ -132,7 +133,7 @@ class TiktokenTokenizer(Tokenizer):
         mergeable_ranks = load_tiktoken_bpe(self.model_path)
         if not mergeable_ranks:
             raise ValueError(f"{self.model_path} holds no BPE ranks; expected lines of '<base64 token> <rank>'")
-        n_base = len(mergeable_ranks)
+        self.n_base = n_base = len(mergeable_ranks)
         self.special_tokens = {token: n_base + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
         self.model = tiktoken.Encoding(
             name=Path(self.model_path).name,
@@ -158,9 +159,9 @@ class TiktokenTokenizer(Tokenizer):
             t.append(self.eos_id)
         return t
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Returns the text of ids; special tokens decode to their names, broken UTF-8 to U+FFFD."""
-        return self.model.decode(self._decodable(ids))
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Returns the text of ids; special tokens decode to their names (or nothing), broken UTF-8 to U+FFFD."""
+        return self.model.decode([i for i in self._decodable(ids) if not skip_special_tokens or i < self.n_base])
 
     def special_id(self, token: str) -> int:
         """Returns the id of one of the 256 Llama 3 special tokens."""
@@ -181,27 +182,20 @@ class HFTokenizer(Tokenizer):
     kind = "hf"
 
     def __init__(
-        self,
-        path: str | Path,
-        bos_id: int | None = None,
-        eos_ids: Sequence[int] | int | None = None,
+        self, path: str | Path, bos_id: int | None = None, eos_ids: Sequence[int] | int | None = None,
         pad_id: int | None = None,
-    ):
+    ):  # fmt: skip
         self.path = str(path)
         try:
             self.model = tokenizers.Tokenizer.from_file(self.path)
         except Exception as e:  # the Rust side raises a bare Exception
-            raise ValueError(f"{self.path} is not a Hugging Face tokenizer.json: {e}") from e
-        # Without this, "<|im_start|>" typed in user text would become the real special token.
-        self.model.encode_special_tokens = True
+            raise damaged(Path(self.path), "is not a Hugging Face tokenizer.json", e) from e
+        self.model.encode_special_tokens = True  # else "<|im_start|>" typed in user text becomes the special token
         self.n_words = self.model.get_vocab_size(with_added_tokens=True)
         self._added = {t.content: i for i, t in self.model.get_added_tokens_decoder().items()}
 
         config_path = Path(self.path).with_name("tokenizer_config.json")
-        try:
-            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+        config = read_json(config_path) if config_path.is_file() else {}
 
         def from_config(key: str) -> int | None:
             token = config.get(key)  # tokenizer_config.json writes "text" or {"content": "text", ...}
@@ -231,13 +225,12 @@ class HFTokenizer(Tokenizer):
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         """Returns the ids of s, with bos/eos added as asked and when defined."""
         ids = self.model.encode(s, add_special_tokens=False).ids
-        return (
-            ([self.bos_id] if bos and self.bos_id >= 0 else []) + ids + ([self.eos_id] if eos and self.eos_ids else [])
-        )
+        bos_ids = [self.bos_id] if bos and self.bos_id >= 0 else []
+        return bos_ids + ids + ([self.eos_id] if eos and self.eos_ids else [])
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Returns the text of ids, special tokens included as text."""
-        return self.model.decode(self._decodable(ids), skip_special_tokens=False)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Returns the text of ids, special tokens included as text unless skip_special_tokens."""
+        return self.model.decode(self._decodable(ids), skip_special_tokens=skip_special_tokens)
 
     def special_id(self, token: str) -> int:
         """Returns the id of a token added to the vocabulary, such as "<|im_start|>"."""
@@ -268,6 +261,4 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         return TiktokenTokenizer(path)
     except ValueError as e:
-        raise ValueError(
-            f"{path} is neither a sentencepiece model nor a tiktoken BPE file (lines of '<base64 token> <rank>'): {e}"
-        ) from e
+        raise damaged(path, "is neither a sentencepiece model nor a tiktoken BPE file", e) from e

@@ -109,10 +109,10 @@ def test_window_stays_small():
     longest = 0
 
     class Counting:
-        def decode(self, ids):
+        def decode(self, ids, skip_special_tokens=False):
             nonlocal longest
             longest = max(longest, len(ids))
-            return tok.decode(ids)
+            return tok.decode(ids, skip_special_tokens)
 
     prompt = tok.encode("a long prompt " * 50, bos=True, eos=False)
     ids = tok.encode(MIXED * 40, bos=False, eos=False)

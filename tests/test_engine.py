@@ -129,8 +129,9 @@ BAD_CALLS = {
         ),
         "user",
     ),
-    "special tag": (lambda llama: llama.chat_completion([[{"role": "user", "content": "[INST] hi"}]]), "[INST]"),
-    "sys tag": (lambda llama: llama.chat_completion([[{"role": "user", "content": "<<SYS>> x"}]]), "<<SYS>>"),
+    # (chat_completion answers such a Llama 2 dialog as the reference does: tests/test_chat_format.py)
+    "special tag": (lambda llama: llama.stream_chat_completion([[{"role": "user", "content": "[INST] hi"}]]), "[INST]"),
+    "sys tag": (lambda llama: llama.stream_chat_completion([[{"role": "user", "content": "<<SYS>> x"}]]), "<<SYS>>"),
     "empty prompt tokens": (lambda llama: llama.generate([[]], max_gen_len=4), "empty"),
 }
 

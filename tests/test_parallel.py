@@ -49,13 +49,39 @@ def layouts(tiny_checkpoints, tmp_path_factory):
         shard["rope.freqs"] = torch.rand(args.head_dim // 2)
         torch.save(shard, vocab_dir / f"consolidated.{rank:02d}.pth")
     out["mha_vocab"] = vocab_dir
+    out["qwn1"] = tiny_qwen2(root)  # q/k/v biases, shard with their columns (2 KV heads: replicated on 4 ranks)
+    for n in (2, 4):
+        out[f"qwn{n}"] = reshard(str(out["qwn1"]), str(root / f"qwn{n}"), n)
     return out
+
+
+def tiny_qwen2(root: Path) -> Path:
+    """Returns a tiny random Qwen2 (8 heads, 2 KV heads, q/k/v biases) converted into root/qwn1."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from llama_gen.convert import convert_hf
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=32000, hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+        intermediate_size=176, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )  # fmt: skip
+    hf = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.3)
+            elif p.dim() == 2:
+                p.normal_(0, 0.08)
+    hf.save_pretrained(root / "hf_qwen2")
+    return convert_hf(root / "hf_qwen2", root / "qwn1")
 
 
 @pytest.fixture(scope="module")
 def reference(layouts):
     """Returns {model: run_checks(...)} of the single-shard checkpoint in this process (no torchrun)."""
-    return {model: run_checks(build(str(layouts[f"{model}1"]), str(LLAMA2_TOKENIZER))) for model in ("mha", "gqa")}
+    models = ("mha", "gqa", "qwn")
+    return {model: run_checks(build(str(layouts[f"{model}1"]), str(LLAMA2_TOKENIZER))) for model in models}
 
 
 def assert_same_results(got: dict, expected: dict, where: str) -> None:
@@ -83,7 +109,7 @@ def test_helpers_without_distributed():
     assert isinstance(parallel.column_linear(8, 16), torch.nn.Linear)
 
 
-@pytest.mark.parametrize("layout", ["mha2", "mha4", "mha_vocab", "gqa2", "gqa4"])
+@pytest.mark.parametrize("layout", ["mha2", "mha4", "mha_vocab", "gqa2", "gqa4", "qwn4"])
 def test_one_process_any_shard_count(layouts, reference, layout):
     model = layout[:3]
     llama = build(str(layouts[layout]), str(LLAMA2_TOKENIZER))
@@ -91,7 +117,7 @@ def test_one_process_any_shard_count(layouts, reference, layout):
     assert_same_results(run_checks(llama), reference[model], f"{layout} on 1 process")
 
 
-@pytest.mark.parametrize("layout", ["mha1", "mha2", "mha4", "mha_vocab", "gqa1", "gqa2", "gqa4"])
+@pytest.mark.parametrize("layout", ["mha1", "mha2", "mha4", "mha_vocab", "gqa1", "gqa2", "gqa4", "qwn1", "qwn4"])
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_rank_pieces_reassemble_exactly(layouts, layout, ranks):
     """Every rank's weights, concatenated along the split dim, are the original weights (KV heads repeated)."""
@@ -106,8 +132,9 @@ def test_rank_pieces_reassemble_exactly(layouts, layout, ranks):
         if dim is None:
             assert all(torch.equal(p[name], weight) for p in pieces), name
             continue
-        if repeats > 1 and name.endswith(("wk.weight", "wv.weight")):
-            weight = weight.view(args.kv_heads, 1, -1, args.dim).expand(-1, repeats, -1, -1).reshape(-1, args.dim)
+        if repeats > 1 and name.endswith(("wk.weight", "wv.weight", "wk.bias", "wv.bias")):
+            heads = weight.view(args.kv_heads, 1, args.head_dim, -1).expand(-1, repeats, -1, -1)
+            weight = heads.reshape(-1, *weight.shape[1:])
         assert torch.equal(torch.cat([p[name] for p in pieces], dim=dim), weight), name
 
 
@@ -230,7 +257,7 @@ def check_ranks(ranks: list[dict], layouts: dict, reference: dict, names: list[s
 
 @pytest.mark.multiprocess
 def test_two_processes_any_shard_count(layouts, reference, tmp_path):
-    names = ["mha1", "mha2", "mha4", "mha_vocab", "gqa2"]
+    names = ["mha1", "mha2", "mha4", "mha_vocab", "gqa2", "qwn1", "qwn4"]
     ranks = torchrun(2, [layouts[n] for n in names], tmp_path)
     check_ranks(ranks, layouts, reference, names)
     for rank, result in enumerate(ranks):
@@ -251,7 +278,7 @@ def test_two_processes_any_shard_count(layouts, reference, tmp_path):
 
 @pytest.mark.multiprocess
 def test_four_processes_replicate_kv_heads(layouts, reference, tmp_path):
-    names = ["gqa1", "gqa2", "gqa4"]  # 2 KV heads on 4 ranks: each KV head lives on 2 ranks
+    names = ["gqa1", "gqa2", "gqa4", "qwn2"]  # 2 KV heads on 4 ranks: each KV head (and bias) lives on 2 ranks
     ranks = torchrun(4, [layouts[n] for n in names], tmp_path)
     check_ranks(ranks, layouts, reference, names)
     gqa = ranks[3][str(layouts["gqa4"])]

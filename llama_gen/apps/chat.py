@@ -155,17 +155,18 @@ def fit_or_explain(session: ChatSession, channel: Channel, text: str) -> tuple[i
         return None
     if drop < 0:
         channel.say(
-            f"(that message needs {n_prompt} prompt tokens, but max_seq_len={max_seq_len} leaves "
-            f"{session.max_prompt_len} after reserving max_gen_len={session.max_gen_len} for the reply: "
-            "shorten it, or restart with a larger --max_seq_len or smaller --max_gen_len)"
+            f"(that message needs {n_prompt} prompt tokens, but the prompt window is {session.max_prompt_len} "
+            f"(max_seq_len={max_seq_len} less max_gen_len={session.max_gen_len} for the reply, at most the "
+            "checkpoint's max_window_size): shorten it, or restart with a larger --max_seq_len or smaller "
+            "--max_gen_len)"
         )
         return None
     if drop and not session.trim_told:
         session.trim_told = True
         channel.say(
-            f"(the conversation no longer fits in max_seq_len={max_seq_len} with room for a "
-            f"{session.max_gen_len}-token reply: the oldest turns are dropped from now on, "
-            "the system prompt is kept)"
+            f"(the conversation no longer fits in its {session.max_prompt_len}-token prompt window (max_seq_len="
+            f"{max_seq_len} with room for a {session.max_gen_len}-token reply): the oldest turns are dropped from "
+            "now on, the system prompt is kept)"
         )
     return drop, n_prompt
 

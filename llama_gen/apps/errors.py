@@ -6,7 +6,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+# NotImplementedError: a model or file this engine does not support (e.g. a sliding window), named with the reason
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    NotImplementedError,
+)
 
 
 def friendly_errors(fn: Callable) -> Callable:

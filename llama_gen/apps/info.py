@@ -2,7 +2,8 @@
 
     llama-gen info [--ckpt_dir DIR] [--max_seq_len 2048] [--max_batch_size 4] [--device cuda] [--dtype bf16]
 
-No weights are loaded; the tokenizer is read only when params.json says vocab_size=-1.
+No weights are loaded (the shards, if any, are opened memory-mapped, so a missing or damaged one is reported rather
+than sized); the tokenizer is read only when params.json says vocab_size=-1.
 """
 
 import json
@@ -12,7 +13,7 @@ import torch
 
 from llama_gen.apps.errors import friendly_errors
 from llama_gen.apps.flags import MODEL_FLAGS, Flag, check_model_flags, select, takes
-from llama_gen.checkpoint import kv_replication, read_params
+from llama_gen.checkpoint import kv_replication, open_shards, read_params
 from llama_gen.devices import DTYPES, SHORT_NAMES, resolve_device, resolve_dtype
 from llama_gen.model import ModelArgs
 
@@ -81,6 +82,8 @@ def model_info(values: dict) -> dict:
         ckpt_dir = ensure_default_model()
     ckpt_dir = Path(ckpt_dir)
     params = read_params(ckpt_dir)
+    if any(ckpt_dir.glob("consolidated.*.pth")):  # params.json alone: sized all the same (before a download)
+        open_shards(ckpt_dir)  # a missing, truncated or damaged shard fails here (memory-mapped: nothing is read)
     params["vocab_size"] = read_vocab_size(params, ckpt_dir, tokenizer_path)
     args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     dev = resolve_device(values["device"])

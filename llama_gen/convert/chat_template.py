@@ -27,14 +27,15 @@ def chat_format(template: Any) -> str | None:
 
 
 def default_system_prompt(template: Any) -> str | None:
-    """Returns the system prompt a ChatML chat template inserts when a dialog has none (e.g. SmolLM2's), or None."""
+    """Returns the system prompt a ChatML chat template inserts when a dialog has none (e.g. SmolLM2's, Qwen2's), or
+    None: the first system turn written as plain text (Qwen2.5's comes after a tools branch and the dialog's own)."""
     text = template_text(template)
     if text is None:
         return None
-    match = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text, flags=re.S)
-    if match is None or "{" in match.group(1):  # a Jinja expression, not a fixed default
-        return None
-    return match.group(1)
+    for match in re.finditer(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text, flags=re.S):
+        if not re.search(r"[{}'\"+]", match.group(1)):  # no Jinja expression or string concatenation: a fixed default
+            return match.group(1)
+    return None
 
 
 def chat_settings(template: Any) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""llama.cpp GGUF files (llama architecture, any tensor type the gguf package dequantizes) -> Meta checkpoint
-directories.
+"""llama.cpp GGUF files (llama and qwen2 architectures, any tensor type the gguf package dequantizes) -> Meta
+checkpoint directories.
 
-llama.cpp's convert_hf_to_gguf un-permutes Hugging Face's q/k rows when it writes a GGUF, so GGUF q/k rows are
-already in Meta's interleaved rotary layout and are copied as they are (checked against transformers in
-tests/convert/test_gguf.py).
+llama.cpp's convert_hf_to_gguf un-permutes Hugging Face's q/k rows when it writes a llama GGUF, so those q/k rows
+are already in Meta's interleaved rotary layout and are copied as they are; qwen2 GGUFs (rotate-half "NEOX" rope in
+llama.cpp) keep Hugging Face's layout and are un-permuted as Hugging Face directories are (checked against
+transformers in tests/convert/test_gguf.py).
 """
 
 import json
@@ -15,8 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from llama_gen import files
 from llama_gen.convert.chat_template import chat_settings
 from llama_gen.convert.gguf_tokenizer import gguf_tokenizer
+from llama_gen.convert.hf import rotate_half_to_meta
 from llama_gen.convert.meta_checkpoint import (
     GGUF,
     build_state_dict,
@@ -27,10 +30,11 @@ from llama_gen.convert.meta_checkpoint import (
 )
 
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 rope scaling, stored as per-frequency divisors
+ARCHITECTURES = ("llama", "qwen2")  # qwen2: biases on q, k and v, q/k rows in Hugging Face's rotate-half layout
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Converts a llama-architecture GGUF file (dequantizing its tensors) to a Meta checkpoint; returns out_dir."""
+    """Converts a llama or qwen2 GGUF file (dequantizing its tensors) to a Meta checkpoint; returns out_dir."""
     torch_dtype = checkpoint_dtype(dtype)
     src, out_dir = Path(gguf_path), Path(out_dir)
     reader = open_gguf(src)
@@ -39,7 +43,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
     rope_freqs = dequantize(by_name[ROPE_FREQS], src) if ROPE_FREQS in by_name else None
     params = gguf_params(meta, rope_freqs, src)
     tokenizer, tokenizer_config = gguf_tokenizer(meta, src)  # fail on an unsupported tokenizer before the slow part
-    tensors = meta_tensors(reader, params["n_layers"], src)
+    tensors = meta_tensors(reader, params, meta["general.architecture"] == "qwen2", src)
     state = build_state_dict(tensors, params, torch_dtype, src, tied="output.weight" not in by_name)
     write_checkpoint(out_dir, params, state, gguf_generation_config(meta))
     del state
@@ -52,10 +56,12 @@ def open_gguf(src: Path) -> Any:
     """Returns a gguf.GGUFReader over ``src``, or raises ValueError if it is not a readable GGUF file."""
     from gguf import GGUFReader
 
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} not found: give the path of a .gguf file or of a Hugging Face directory")
     try:
         return GGUFReader(str(src))
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{src} is not a readable GGUF file: {e}") from e
+    except (ValueError, OSError, IndexError, KeyError) as e:  # the reader's errors for truncated or foreign bytes
+        raise files.damaged(src, "is not a readable GGUF file", e) from e  # truncated, damaged or not GGUF
 
 
 def gguf_metadata(reader: Any) -> dict[str, Any]:
@@ -64,49 +70,54 @@ def gguf_metadata(reader: Any) -> dict[str, Any]:
 
 
 def llama_key(meta: dict[str, Any], key: str, src: Path, default: Any = None) -> Any:
-    """Returns metadata ``llama.<key>`` (or ``default``); raises ValueError if it is missing."""
-    value = meta.get(f"llama.{key}", default)
+    """Returns metadata ``<architecture>.<key>`` (e.g. llama.block_count) or ``default``; raises ValueError if it
+    is missing."""
+    name = f"{meta.get('general.architecture')}.{key}"
+    value = meta.get(name, default)
     if value is None:
-        raise ValueError(f"{src}: metadata llama.{key} is missing")
+        raise ValueError(f"{src}: metadata {name} is missing")
     return value
 
 
 def gguf_shape(meta: dict[str, Any], src: Path) -> dict[str, int]:
-    """Returns dim, n_layers, n_heads, n_kv_heads and vocab_size of a llama-architecture GGUF, or raises for
-    files llama_gen's model cannot run."""
+    """Returns dim, n_layers, n_heads, n_kv_heads and vocab_size of a llama or qwen2 GGUF, or raises for files
+    llama_gen's model cannot run."""
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{src}: architecture {arch!r} is not supported; only 'llama' GGUF files can be converted")
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"{src}: architecture {arch!r} is not supported; only {' and '.join(ARCHITECTURES)} GGUF files can be "
+            "converted"
+        )
     dim, n_heads = llama_key(meta, "embedding_length", src), llama_key(meta, "attention.head_count", src)
     head_dim = dim // n_heads
     for key in ("attention.key_length", "attention.value_length", "rope.dimension_count"):
-        if meta.get(f"llama.{key}", head_dim) != head_dim:
+        if llama_key(meta, key, src, head_dim) != head_dim:
             raise NotImplementedError(
-                f"{src}: llama.{key} = {meta[f'llama.{key}']} differs from embedding_length // head_count = "
+                f"{src}: {arch}.{key} = {meta[f'{arch}.{key}']} differs from embedding_length // head_count = "
                 f"{head_dim}, which llama_gen's model assumes"
             )
-    scaling_type = meta.get("llama.rope.scaling.type", "none")
+    scaling_type = llama_key(meta, "rope.scaling.type", src, "none")
     if scaling_type != "none":
         raise NotImplementedError(f"{src}: rope scaling type {scaling_type!r} is not supported")
-    vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
     if not vocab:
-        raise ValueError(f"{src}: neither llama.vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
-    n_layers, n_kv = llama_key(meta, "block_count", src), meta.get("llama.attention.head_count_kv", n_heads)
+        raise ValueError(f"{src}: neither {arch}.vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
+    n_layers, n_kv = llama_key(meta, "block_count", src), llama_key(meta, "attention.head_count_kv", src, n_heads)
     return {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv, "vocab_size": vocab}
 
 
 def gguf_params(meta: dict[str, Any], rope_freqs: np.ndarray | None, src: Path) -> dict[str, Any]:
-    """Returns Meta params.json contents for a llama-architecture GGUF, or raises for unsupported files."""
+    """Returns Meta params.json contents for a llama or qwen2 GGUF, or raises for unsupported files."""
     shape = gguf_shape(meta, src)
     head_dim = shape["dim"] // shape["n_heads"]
     hidden = llama_key(meta, "feed_forward_length", src)
     theta = float(llama_key(meta, "rope.freq_base", src, 10000.0))
     scaling = None
     if rope_freqs is not None:
-        old_context = meta.get("llama.rope.scaling.original_context_length")
+        old_context = llama_key(meta, "rope.scaling.original_context_length", src, 0) or None
         scaling = llama3_scaling_from_factors(rope_freqs, head_dim, theta, old_context, src)
     norm_eps = float(llama_key(meta, "attention.layer_norm_rms_epsilon", src))
-    return meta_params(shape, hidden, norm_eps, theta, scaling)
+    return meta_params(shape, hidden, norm_eps, theta, scaling, qkv_bias=meta["general.architecture"] == "qwen2")
 
 
 def llama3_rope_factors(head_dim: int, theta: float, scaling: dict[str, Any]) -> np.ndarray:
@@ -171,15 +182,19 @@ def dequantize(tensor: Any, src: Path) -> np.ndarray:
     return data.reshape([int(d) for d in reversed(tensor.shape)])
 
 
-def meta_tensors(reader: Any, n_layers: int, src: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (Meta name, dequantized tensor) for the model tensors of a GGUF file."""
-    names = meta_names(n_layers, GGUF, "blk.{i}.")
+def meta_tensors(
+    reader: Any, params: dict[str, Any], rotate_half: bool, src: Path
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (Meta name, dequantized tensor) for the model tensors of a GGUF file (q/k rows of a ``rotate_half``
+    file, qwen2, un-permuted to Meta's layout)."""
+    names = meta_names(params["n_layers"], GGUF, "blk.{i}.")
     for tensor in reader.tensors:
         if tensor.name == ROPE_FREQS:
             continue
         if tensor.name not in names:
             raise ValueError(f"{src}: unexpected tensor {tensor.name} (not part of a plain Llama model)")
-        yield names[tensor.name], torch.from_numpy(dequantize(tensor, src))
+        weight = torch.from_numpy(dequantize(tensor, src))
+        yield names[tensor.name], rotate_half_to_meta(names[tensor.name], weight, params) if rotate_half else weight
 
 
 def gguf_generation_config(meta: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,8 @@ LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+QWEN2_REGEX = {"qwen2", "deepseek-r1-qwen"}  # llama.cpp's LLAMA3 split with single digits
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types: matched whole, never split by the pre-tokenizer
 NAMED_TOKENS = {"bos_token": "bos", "eos_token": "eos", "pad_token": "padding", "unk_token": "unknown"}
 
@@ -72,10 +74,10 @@ def byte_level_pre_tokenizer(pre: str | None, add_prefix_space: bool, src: Path)
         )
     if pre in GPT2_REGEX:
         return pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
-    if pre in LLAMA3_REGEX:
+    if pre in LLAMA3_REGEX or pre in QWEN2_REGEX:
         return pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT if pre in LLAMA3_REGEX else QWEN2_SPLIT), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
             ]
         )

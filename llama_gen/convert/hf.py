@@ -1,11 +1,11 @@
-"""Hugging Face Llama directories (config.json + safetensors or pytorch_model*.bin) -> Meta checkpoint directories.
+"""Hugging Face Llama, Mistral and Qwen2 directories (config.json + safetensors or pytorch_model*.bin) -> Meta
+checkpoint directories (Qwen2's q/k/v biases kept as ``attention.w{q,k,v}.bias``, params.json ``qkv_bias``).
 
 Meta rotates interleaved pairs (x[2i], x[2i+1]) of each head, Hugging Face rotates halves (x[i], x[i + hd/2]), so
-HF's q/k rows are a per-head permutation of Meta's and get un-permuted here (checked against transformers in
-tests/convert/test_hf.py).
+HF's q/k rows (and q/k biases) are a per-head permutation of Meta's and get un-permuted here (checked against
+transformers in tests/convert/test_hf.py).
 """
 
-import json
 import shutil
 import sys
 from collections.abc import Iterator
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from llama_gen import files
 from llama_gen.convert.chat_template import chat_settings
 from llama_gen.convert.meta_checkpoint import (
     HF,
@@ -24,7 +25,9 @@ from llama_gen.convert.meta_checkpoint import (
     write_checkpoint,
 )
 
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+# generation_config.json keys carried over (do_sample marks transformers' semantics; max_window_size: Qwen's bound
+# on the prompt window of a chat)
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "max_window_size")
 HF_TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -32,15 +35,19 @@ HF_TOKENIZER_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
+MODEL_TYPES = ("llama", "mistral", "qwen2")  # Llama-shaped decoders; qwen2 adds biases on q, k and v
 
 
 def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Converts a Hugging Face Llama directory (config.json + safetensors/bin) to a Meta checkpoint; returns out_dir."""
+    """Converts a Hugging Face Llama/Mistral/Qwen2 directory (config.json + safetensors/bin) to a Meta checkpoint;
+    returns out_dir."""
     torch_dtype = checkpoint_dtype(dtype)
     src, out_dir = Path(hf_dir), Path(out_dir)
-    config = json.loads((src / "config.json").read_text())
+    config = read_json(src / "config.json", required=True)
     params = hf_params(config, src)
-    tensors = meta_tensors(hf_weight_files(src), params, src)
+    paths = hf_weight_files(src)
+    check_weight_files(paths)  # a damaged file is named before the conversion starts
+    tensors = meta_tensors(paths, params, src)
     state = build_state_dict(tensors, params, torch_dtype, src, tied=bool(config.get("tie_word_embeddings", False)))
     write_checkpoint(out_dir, params, state, hf_generation_config(src, config))
     del state
@@ -48,9 +55,10 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32") 
     return out_dir
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Returns the parsed JSON file at ``path``, or {} if there is none."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+def read_json(path: Path, required: bool = False) -> dict[str, Any]:
+    """Returns the parsed JSON object in ``path``, or {} if there is none (FileNotFoundError if ``required``); a
+    damaged file raises ValueError naming it."""
+    return files.read_json(path) if required or path.is_file() else {}
 
 
 def hf_rope(config: dict[str, Any], src: Path) -> tuple[float, dict[str, Any] | None]:
@@ -70,13 +78,23 @@ def hf_rope(config: dict[str, Any], src: Path) -> tuple[float, dict[str, Any] | 
 
 def check_supported(config: dict[str, Any], where: Path) -> None:
     """Raises unless config.json describes a model llama_gen's Transformer can run."""
-    if config.get("model_type") != "llama":
+    if config.get("model_type") not in MODEL_TYPES:
         raise ValueError(
             f"{where}: model_type {config.get('model_type')!r} is not supported; only Llama-architecture "
-            "checkpoints (model_type 'llama') can be converted"
+            f"checkpoints (model_type {', '.join(map(repr, MODEL_TYPES))}) can be converted"
         )
     if config.get("attention_bias") or config.get("mlp_bias"):
-        raise NotImplementedError(f"{where}: attention_bias/mlp_bias are not supported by llama_gen's model")
+        raise NotImplementedError(
+            f"{where}: attention_bias/mlp_bias (biases on every projection) are not supported by llama_gen's model "
+            "(only Qwen2's biases on q, k and v)"
+        )
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    if window and window < config.get("max_position_embeddings", window + 1):
+        raise NotImplementedError(
+            f"{where}: sliding_window={window} (attention limited to the last {window} positions) is not supported: "
+            "llama_gen attends over the whole context, which changes this model's output past that length; "
+            "Mistral v0.2 and later (sliding_window null) convert"
+        )
     if config.get("hidden_act", "silu") != "silu":
         raise NotImplementedError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (only silu)")
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
@@ -89,7 +107,8 @@ def check_supported(config: dict[str, Any], where: Path) -> None:
 
 
 def hf_params(config: dict[str, Any], src: Path) -> dict[str, Any]:
-    """Returns Meta params.json contents for a Hugging Face Llama config.json, or raises for unsupported models."""
+    """Returns Meta params.json contents for a Hugging Face Llama/Mistral/Qwen2 config.json, or raises for
+    unsupported models."""
     check_supported(config, src / "config.json")
     n_heads = config["num_attention_heads"]
     shape = {
@@ -99,7 +118,8 @@ def hf_params(config: dict[str, Any], src: Path) -> dict[str, Any]:
         "n_kv_heads": config.get("num_key_value_heads") or n_heads,
         "vocab_size": config["vocab_size"],
     }
-    return meta_params(shape, config["intermediate_size"], config.get("rms_norm_eps", 1e-6), *hf_rope(config, src))
+    eps, qkv_bias = config.get("rms_norm_eps", 1e-6), config["model_type"] == "qwen2"
+    return meta_params(shape, config["intermediate_size"], eps, *hf_rope(config, src), qkv_bias=qkv_bias)
 
 
 def hf_weight_files(src: Path) -> list[Path]:
@@ -109,37 +129,61 @@ def hf_weight_files(src: Path) -> list[Path]:
         ("pytorch_model*.bin", "pytorch_model.bin.index.json"),
     ):
         if (src / index).is_file():
-            return sorted({src / f for f in json.loads((src / index).read_text())["weight_map"].values()})
+            return sorted({src / f for f in read_json(src / index)["weight_map"].values()})
         files = sorted(src.glob(pattern))
         if files:
             return files
     raise FileNotFoundError(f"{src}: no *.safetensors or pytorch_model*.bin weight files found")
 
 
-def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def check_weight_files(paths: list[Path]) -> None:
+    """Raises ValueError naming the first weight file that cannot be opened (truncated, empty, not weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in paths:
+        if path.suffix != ".safetensors":
+            files.load_shard(path)
+            continue
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise files.damaged(path, "is truncated or not a safetensors file", e) from e
+
+
+def iter_hf_tensors(paths: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (HF name, tensor) for every tensor in the weight files, loading one tensor at a time."""
     from safetensors import safe_open
 
-    for path in files:
+    for path in paths:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = files.load_shard(path)
             yield from state.items()
             del state
 
 
 def hf_to_meta_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Returns HF q/k projection rows reordered per head from rotate-half to Meta's interleaved-pair layout.
+    """Returns HF q/k projection rows (a weight, or a bias) reordered per head from rotate-half to Meta's
+    interleaved-pair layout.
 
     Inverse of ``permute`` in transformers' convert_llama_weights_to_hf.py (which views Meta rows as
     [n_heads, hd/2, 2] and swaps the last two); same operation as llama.cpp's ``LlamaModel.permute``.
     """
-    rows, cols = w.shape
-    head_dim = rows // n_heads
-    return w.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def rotate_half_to_meta(name: str, tensor: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+    """Returns a Meta-named tensor from a rotate-half source (HF; Qwen2 GGUFs): q/k rows un-permuted, others as
+    they are."""
+    kind = name.split(".")[-2]  # wq, wk, ... of "layers.{i}.attention.wq.weight" / ".bias"
+    if kind in ("wq", "wk") and name.startswith("layers."):
+        return hf_to_meta_qk(tensor, params["n_heads" if kind == "wq" else "n_kv_heads"])
+    return tensor
 
 
 def meta_tensors(files: list[Path], params: dict[str, Any], src: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -150,18 +194,15 @@ def meta_tensors(files: list[Path], params: dict[str, Any], src: Path) -> Iterat
             continue
         if hf_name not in names:
             raise ValueError(f"{src}: unexpected tensor {hf_name} (not part of a plain Llama model)")
-        name = names[hf_name]
-        if name.endswith("attention.wq.weight"):
-            tensor = hf_to_meta_qk(tensor, params["n_heads"])
-        elif name.endswith("attention.wk.weight"):
-            tensor = hf_to_meta_qk(tensor, params["n_kv_heads"])
-        yield name, tensor
+        yield names[hf_name], rotate_half_to_meta(names[hf_name], tensor, params)
 
 
 def hf_generation_config(src: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """Returns our generation_config.json: the HF sampling keys present, eos ids and the chat format."""
+    """Returns our generation_config.json: do_sample (transformers' default False when left out: greedy), the HF
+    sampling keys present, eos ids and the chat format."""
     hf = read_json(src / "generation_config.json")
-    out = {k: hf[k] for k in SAMPLING_KEYS if hf.get(k) is not None}
+    out = {"do_sample": bool(hf.get("do_sample", False))}
+    out.update({k: hf[k] for k in SAMPLING_KEYS if hf.get(k) is not None})
     eos = hf.get("eos_token_id", config.get("eos_token_id"))
     out["eos_token_id"] = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
     template = read_json(src / "tokenizer_config.json").get("chat_template")

@@ -25,6 +25,9 @@ LAYER_TENSORS = {
     "feed_forward.w3.weight": ("mlp.up_proj.weight", "ffn_up.weight"),
     "attention_norm.weight": ("input_layernorm.weight", "attn_norm.weight"),
     "ffn_norm.weight": ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    "attention.wq.bias": ("self_attn.q_proj.bias", "attn_q.bias"),  # only in qkv_bias models (Qwen2)
+    "attention.wk.bias": ("self_attn.k_proj.bias", "attn_k.bias"),
+    "attention.wv.bias": ("self_attn.v_proj.bias", "attn_v.bias"),
 }
 GLOBAL_TENSORS = {
     "tok_embeddings.weight": ("model.embed_tokens.weight", "token_embd.weight"),
@@ -80,10 +83,16 @@ def ffn_params(dim: int, hidden: int) -> tuple[int, float | None]:
 
 
 def meta_params(
-    shape: dict[str, int], ffn_hidden: int, norm_eps: float, rope_theta: float, rope_scaling: dict[str, Any] | None
+    shape: dict[str, int],
+    ffn_hidden: int,
+    norm_eps: float,
+    rope_theta: float,
+    rope_scaling: dict[str, Any] | None,
+    qkv_bias: bool = False,
 ) -> dict[str, Any]:
     """Returns params.json contents: ``shape`` gives dim, n_layers, n_heads, n_kv_heads and vocab_size; the SwiGLU
-    hidden size is written as Meta's multiple_of / ffn_dim_multiplier."""
+    hidden size is written as Meta's multiple_of / ffn_dim_multiplier; ``qkv_bias`` (Qwen2) is written only when
+    set."""
     multiple_of, multiplier = ffn_params(shape["dim"], ffn_hidden)
     sizes = {key: shape[key] for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")}
     return {
@@ -93,6 +102,7 @@ def meta_params(
         "norm_eps": norm_eps,
         "rope_theta": rope_theta,
         "rope_scaling": rope_scaling,
+        **({"qkv_bias": True} if qkv_bias else {}),
     }
 
 
@@ -117,6 +127,9 @@ def expected_shapes(params: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "attention_norm.weight": (dim,),
         "ffn_norm.weight": (dim,),
     }
+    if params.get("qkv_bias"):
+        kv = (n_kv * head_dim,)
+        layer.update({"attention.wq.bias": (n_heads * head_dim,), "attention.wk.bias": kv, "attention.wv.bias": kv})
     for i in range(params["n_layers"]):
         shapes.update({f"layers.{i}.{k}": v for k, v in layer.items()})
     return shapes

@@ -20,14 +20,14 @@ from llama_gen.model import ModelArgs
 SKIPPED_FILES = ("checklist.chk",)  # Meta's md5 list of the old shards: stale after resharding
 
 
-# Which dimension each weight is split along across model-parallel ranks (None: replicated).
+# Which dimension each weight is split along across model-parallel ranks (None: replicated). A column-parallel
+# layer's bias (Qwen2's q/k/v biases) is split with its output features.
 COLUMN_PARALLEL = tuple(
     "attention.wq.weight attention.wk.weight attention.wv.weight feed_forward.w1.weight feed_forward.w3.weight "
-    "output.weight".split()
+    "output.weight attention.wq.bias attention.wk.bias attention.wv.bias".split()
 )
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
-KV_WEIGHTS = ("attention.wk.weight", "attention.wv.weight")
-KV_WEIGHTS = ("attention.wk.weight", "attention.wv.weight")
+KV_WEIGHTS = ("attention.wk.weight", "attention.wv.weight", "attention.wk.bias", "attention.wv.bias")
 
 
 def split_dim(name: str) -> int | None:
@@ -42,13 +42,13 @@ def split_dim(name: str) -> int | None:
 
 
 def repeat_kv_heads(weight: torch.Tensor, n_kv_heads: int, repeats: int) -> torch.Tensor:
-    """Returns a wk/wv weight with each head's rows repeated ``repeats`` times (GQA groups stay aligned)."""
+    """Returns a wk/wv weight (or bias) with each head's rows repeated ``repeats`` times (GQA groups stay aligned)."""
     head_dim = weight.shape[0] // n_kv_heads
-    return weight.view(n_kv_heads, head_dim, -1).repeat_interleave(repeats, dim=0).reshape(-1, weight.shape[1])
+    return weight.view(n_kv_heads, head_dim, -1).repeat_interleave(repeats, dim=0).reshape(-1, *weight.shape[1:])
 
 
 def merge_kv(name: str, parts: list[torch.Tensor], args: ModelArgs) -> torch.Tensor:
-    """Returns a full wk/wv weight with one copy of each KV head, undoing the replication of shards saved
+    """Returns a full wk/wv weight (or bias) with one copy of each KV head, undoing the replication of shards saved
     for more ranks than there are KV heads."""
     weight = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
     rows = args.kv_heads * args.head_dim
@@ -61,7 +61,7 @@ def merge_kv(name: str, parts: list[torch.Tensor], args: ModelArgs) -> torch.Ten
             f"{name}: the shards hold {copies} copies of {args.kv_heads} KV heads but the copies differ: "
             f"n_kv_heads in params.json does not match the shards"
         )
-    return heads[:, 0].reshape(rows, -1)
+    return heads[:, 0].reshape(rows, *weight.shape[1:])
 
 
 def take_slice(name: str, parts: list[torch.Tensor], dim: int, index: int, count: int) -> torch.Tensor:

@@ -81,34 +81,32 @@ def loop_int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
 
 
 class GemvLinear(nn.Module):
-    """A bias-free linear layer (weight ``[out, in]``) computed by loop_linear in compiled code for a few rows."""
+    """A linear layer (weight ``[out, in]``, optional bias) computed by loop_linear in compiled code for a few rows."""
 
-    def __init__(self, weight: nn.Parameter, max_rows: int):
+    def __init__(self, weight: nn.Parameter, max_rows: int, bias: nn.Parameter | None = None):
         super().__init__()
-        self.weight = weight
+        self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
         self.max_rows = max_rows  # compiled products of up to this many rows run as loops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if uses_loops(x, self.in_features, self.max_rows):
-            return loop_linear(x, self.weight)
-        return F.linear(x, self.weight)
+            out = loop_linear(x, self.weight)
+            return out if self.bias is None else out + self.bias
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}, gemv"
 
 
 def use_gemv_linears(model: nn.Module, max_rows: int) -> nn.Module:
-    """Replaces every bias-free CPU float32/bf16 ``nn.Linear`` by a GemvLinear sharing its weight (in place; no
+    """Replaces every CPU float32/bf16 ``nn.Linear`` by a GemvLinear sharing its weight and bias (in place; no
     copy), running loops for up to max_rows rows; returns the model."""
     replace_modules(
         model,
         lambda m: (
-            type(m) is nn.Linear
-            and m.bias is None
-            and m.weight.device.type == "cpu"
-            and m.weight.dtype in (torch.float32, torch.bfloat16)
+            type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype in (torch.float32, torch.bfloat16)
         ),
-        lambda m: GemvLinear(m.weight, max_rows),
+        lambda m: GemvLinear(m.weight, max_rows, m.bias),
     )
     return model

@@ -100,14 +100,18 @@ def choose_layout(model: Transformer, compile: bool, quantize: str | None) -> La
 
 
 def fused_linear(parts: list[nn.Module]) -> nn.Module:
-    """Returns one bias-free linear layer computing ``torch.cat([p(x) for p in parts], -1)``."""
+    """Returns one linear layer computing ``torch.cat([p(x) for p in parts], -1)`` (biases concatenated too, when
+    the parts have them: Qwen2's q/k/v)."""
     if all(isinstance(p, Int8Linear) for p in parts):
         return Int8Linear.concat(parts)
     weight = torch.cat([p.weight.detach() for p in parts], dim=0)
     for p in parts:
         release_pages(p.weight)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=False)
     return fused
 
 

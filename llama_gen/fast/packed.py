@@ -60,10 +60,11 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """A bias-free linear layer whose weight ``[out, in]`` is stored in oneDNN's packed layout."""
+    """A linear layer whose weight ``[out, in]`` is stored in oneDNN's packed layout (its bias, if any, as it is)."""
 
-    def __init__(self, weight: torch.Tensor, batch_size: int):
+    def __init__(self, weight: torch.Tensor, batch_size: int, bias: torch.Tensor | None = None):
         super().__init__()
+        self.bias = bias
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_size)
@@ -76,17 +77,18 @@ class PackedLinear(nn.Module):
         return self.packed.numel() * self.packed.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.llama_gen.packed_linear.default(x.to(self.dtype), self.handle, self.out_features)
+        out = torch.ops.llama_gen.packed_linear.default(x.to(self.dtype), self.handle, self.out_features)
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.dtype}, oneDNN-packed"
 
 
 def pack_linears(model: nn.Module, batch_size: int) -> nn.Module:
-    """Replaces every plain CPU float32/bf16 ``nn.Linear`` (no bias) by a PackedLinear in place; returns the model."""
+    """Replaces every plain CPU float32/bf16 ``nn.Linear`` by a PackedLinear in place; returns the model."""
     replace_modules(
         model,
-        lambda m: type(m) is nn.Linear and m.bias is None and can_pack(m.weight),
-        lambda m: PackedLinear(m.weight, batch_size),
+        lambda m: type(m) is nn.Linear and can_pack(m.weight),
+        lambda m: PackedLinear(m.weight, batch_size, m.bias),
     )
     return model

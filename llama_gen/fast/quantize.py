@@ -51,13 +51,17 @@ class Int8Kernels:
 
 
 class Int8Linear(nn.Module):
-    """A bias-free linear layer with an int8 weight ``[out, in]`` and per-output-channel scales ``[out]``."""
+    """A linear layer with an int8 weight ``[out, in]``, per-output-channel scales ``[out]`` and an optional bias
+    ``[out]`` kept in the activations' dtype."""
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, kernels: Int8Kernels):
+    def __init__(
+        self, weight: torch.Tensor, scales: torch.Tensor, kernels: Int8Kernels, bias: torch.Tensor | None = None
+    ):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
         self.register_buffer("scales_bf16", scales.to(torch.bfloat16))  # for the CPU kernel (see forward)
         self.kernels = kernels
         # the loops read the weight as 32-bit words of four int8 values (gemv.loop_int8_linear)
@@ -67,14 +71,21 @@ class Int8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype, kernels: Int8Kernels) -> "Int8Linear":
         """Returns the layer quantized from linear's weight, its scales in ``dtype`` (the activations')."""
         q, scales = quantize_rows(linear.weight)
-        return cls(q, scales.to(dtype), kernels)
+        return cls(q, scales.to(dtype), kernels, None if linear.bias is None else linear.bias.detach().to(dtype))
 
     @classmethod
     def concat(cls, parts: list["Int8Linear"]) -> "Int8Linear":
-        """Returns one layer computing ``torch.cat([p(x) for p in parts], -1)`` (per-row scales concatenate)."""
-        return cls(torch.cat([p.weight for p in parts]), torch.cat([p.scales for p in parts]), parts[0].kernels)
+        """Returns one layer computing ``torch.cat([p(x) for p in parts], -1)`` (per-row scales and biases
+        concatenate)."""
+        bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
+        return cls(torch.cat([p.weight for p in parts]), torch.cat([p.scales for p in parts]), parts[0].kernels, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.product(x)
+        return out if self.bias is None else out + self.bias
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns x times the dequantized weight (no bias)."""
         if x.device.type != "cpu":
             return F.linear(x, self.weight.to(x.dtype)) * self.scales
         if uses_loops(x, self.in_features, self.max_rows):

@@ -16,7 +16,8 @@ from llama_gen.serve.request import RequestHandle
 
 
 class ChatSession:
-    """A conversation: system prompt, history of user/assistant pairs, and the token budget they must fit.
+    """A conversation: system prompt, history of user/assistant pairs, and the token budget they must fit (max_seq_len
+    less max_gen_len, and at most the checkpoint's generation_config max_window_size).
 
     ``engine``: serve the turns on it (prefix reuse); without one they run on ``llama`` directly. ``sampling``: any
     GenerationOptions field but max_gen_len (the reply's budget, reserved in the window).
@@ -31,6 +32,9 @@ class ChatSession:
         self.options = GenerationOptions(max_gen_len=max_gen_len, **sampling)
         self.max_gen_len = max_gen_len
         self.max_prompt_len = llama.model.args.max_seq_len - max_gen_len
+        window = llama.generation_config.get("max_window_size")  # Qwen's bound on a chat's prompt window
+        if window:
+            self.max_prompt_len = min(self.max_prompt_len, window)
         self.system = system
         self.history: list[Message] = list(history or [])  # user, assistant, user, assistant, ...
         self.handle: RequestHandle | None = None  # the engine's handle of the latest turn (its Completion, timings)
@@ -82,8 +86,9 @@ class ChatSession:
         drop, n_prompt = self.fit(text)
         if drop < 0:
             raise ValueError(
-                f"that message needs {n_prompt} prompt tokens, but max_seq_len leaves {self.max_prompt_len} after "
-                f"reserving max_gen_len={self.max_gen_len} for the reply: shorten it or reserve less"
+                f"that message needs {n_prompt} prompt tokens, but the prompt window is {self.max_prompt_len} "
+                f"(max_seq_len less max_gen_len={self.max_gen_len}, at most the checkpoint's max_window_size): "
+                "shorten it or reserve less"
             )
         return self._relay(text, drop, self.stream(text, drop))
 

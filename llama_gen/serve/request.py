@@ -79,7 +79,9 @@ class Request:
             raise ValueError(f"top_logprobs must be a non-negative integer, got {top_logprobs!r}")
         opts = settings.options
         self.prompt, self.settings = prompt, settings
-        self.seq = SequenceText(tokenizer, settings.eos_ids, opts.stop, opts.stop_token_ids)
+        self.seq = SequenceText(
+            tokenizer, settings.eos_ids, opts.stop, opts.stop_token_ids, skip_special_tokens=opts.skip_special_tokens
+        )
         self.limit = min(len(prompt) + settings.max_gen_len, max_seq_len)  # prompt + generated tokens, at most
         self.sampled: list[int] = []  # every sampled token (the output drops stop sequences)
         self.logprobs: list[float] = []  # of each sampled token, with opts.logprobs

@@ -22,3 +22,21 @@ def test_default_system_prompt_is_read_from_the_chat_template() -> None:
     plain = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
     assert default_system_prompt(plain) is None
     assert chat_settings("<|start_header_id|>") == {"chat_format": "llama3"}
+
+
+def test_default_system_prompt_after_a_tools_branch_and_the_dialogs_own() -> None:
+    """Qwen2.5's layout: a tools branch and the dialog's own system turn come first, the fixed default last; the
+    default is what transformers' apply_chat_template renders for a dialog without a system message."""
+    template = (
+        "{%- if tools %}{{- '<|im_start|>system\n' }}{{- messages[0]['content'] }}{{- '\n# Tools<|im_end|>\n' }}"
+        "{%- elif messages[0]['role'] == 'system' %}"
+        "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+        "{%- else %}{{- '<|im_start|>system\nYou are Qwen, a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+        "{%- for m in messages %}{%- if m['role'] != 'system' %}"
+        "{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    )
+    assert default_system_prompt(template) == "You are Qwen, a helpful assistant."
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered = render_jinja_template([[{"role": "user", "content": "Hi"}]], chat_template=template)[0][0]
+    assert rendered.startswith("<|im_start|>system\nYou are Qwen, a helpful assistant.<|im_end|>\n")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_sources import (
+    CORPUS,
     GGUF_TYPES,
     LLAMA3_ROPE,
     Q,
@@ -18,6 +19,7 @@ from tiny_sources import (
     transformers,
     write_gguf,
 )
+from tokenizers import Tokenizer
 
 from llama_gen.convert import convert
 from llama_gen.convert.gguf import dequantize
@@ -49,14 +51,34 @@ def test_gguf_logits_match_transformers(tmp_path: Path, overrides: dict) -> None
     assert json.loads((out / "generation_config.json").read_text()) == {"eos_token_id": [2], "chat_format": "chatml"}
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_qwen2_gguf_matches_transformers_gguf_loader(tmp_path: Path, tied: bool) -> None:
+    hf = tiny_hf_model(arch="qwen2", intermediate_size=192, vocab_size=len(tiny_vocab()), tie_word_embeddings=tied)
+    roundtrip = write_gguf(tmp_path / "tiny.gguf", hf, GGUF_TYPES, arch="qwen2")
+    hf.load_state_dict(roundtrip)  # the reference sees exactly the quantized weights
+    out = convert(tmp_path / "tiny.gguf", tmp_path / "ckpt")
+    assert json.loads((out / "params.json").read_text())["qkv_bias"] is True
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(2))
+    assert max_diff(hf, load_ours(out), tokens) <= 1e-4
+    # Independent: transformers' own GGUF loader (qwen2 tensors as they are, biases included) reads the same file.
+    hf_gguf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32)
+    assert type(hf_gguf).__name__ == "Qwen2ForCausalLM"
+    assert max_diff(hf_gguf.eval(), load_ours(out), tokens) <= 1e-4
+    # The "qwen2" pre-tokenizer (digits one by one) tokenizes as transformers' GGUF tokenizer does.
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    ours = Tokenizer.from_file(str(out / "tokenizer.json"))
+    for text in CORPUS:
+        assert ours.encode(text).ids == hf_tok.encode(text), text
+
+
 def test_gguf_rejects_unsupported_files(tmp_path: Path) -> None:
-    w = gguf.GGUFWriter(str(tmp_path / "qwen.gguf"), "qwen2")
+    w = gguf.GGUFWriter(str(tmp_path / "phi.gguf"), "phi3")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match="architecture 'qwen2'"):
-        convert(tmp_path / "qwen.gguf", tmp_path / "out")
+    with pytest.raises(ValueError, match="architecture 'phi3' is not supported"):
+        convert(tmp_path / "phi.gguf", tmp_path / "out")
 
     # A tensor type the gguf package cannot dequantize (Q8_1 is never written to files) is named in the error.
     write_gguf(tmp_path / "ok.gguf", tiny_hf_model(intermediate_size=192, vocab_size=len(tiny_vocab())), GGUF_TYPES)

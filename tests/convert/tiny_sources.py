@@ -60,8 +60,12 @@ CORPUS = [
 ]
 
 
-def tiny_hf_model(seed: int = 0, **overrides) -> "transformers.LlamaForCausalLM":
-    """Returns a random fp32 LlamaForCausalLM whose weights give O(1) logits and non-uniform attention."""
+HF_CLASSES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}  # model_type -> transformers' class prefix
+
+
+def tiny_hf_model(seed: int = 0, arch: str = "llama", **overrides) -> "transformers.PreTrainedModel":
+    """Returns a random fp32 LlamaForCausalLM (Qwen2ForCausalLM, MistralForCausalLM for ``arch``) whose weights give
+    O(1) logits and non-uniform attention (Qwen2's q/k/v biases random too)."""
     kwargs = {
         "hidden_size": 64,
         "intermediate_size": 172,
@@ -74,10 +78,14 @@ def tiny_hf_model(seed: int = 0, **overrides) -> "transformers.LlamaForCausalLM"
         **overrides,
     }
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).float().eval()
+    prefix = HF_CLASSES[arch]
+    config = getattr(transformers, f"{prefix}Config")(**kwargs)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 1:
+            if name.endswith(".bias"):
+                p.normal_(std=0.5)
+            elif p.ndim == 1:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             elif "embed_tokens" in name:
                 p.normal_()
@@ -160,8 +168,9 @@ CHATML = (
 
 
 def write_gguf(path: Path, model, types: dict[str, Q], rope: dict | None = None, arch: str = "llama") -> dict:
-    """Writes ``model`` as llama.cpp's convert_hf_to_gguf would (q/k permuted, tensors quantized per ``types``,
-    keyed by GGUF suffix), and returns the HF state dict as it reads back after the quantization round trip."""
+    """Writes ``model`` as llama.cpp's convert_hf_to_gguf would (llama: q/k permuted; qwen2: as they are, biases
+    in F32, pre-tokenizer "qwen2"; tensors quantized per ``types``, keyed by GGUF suffix), and returns the HF state
+    dict as it reads back after the quantization round trip."""
     cfg = model.config
     n_head, n_kv, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
     theta = cfg.rope_parameters["rope_theta"]
@@ -180,7 +189,7 @@ def write_gguf(path: Path, model, types: dict[str, Q], rope: dict | None = None,
     tokens = tiny_vocab()
     assert len(tokens) == cfg.vocab_size
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
+    w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "gpt2")
     w.add_token_list(tokens)
     w.add_token_types([3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS)))
     w.add_token_merges(MERGES)
@@ -205,7 +214,9 @@ def write_gguf(path: Path, model, types: dict[str, Q], rope: dict | None = None,
         gg_name = names[hf_name]
         kind = gg_name.split(".", 2)[-1] if gg_name.startswith("blk.") else gg_name
         data, heads = tensor.numpy(), None
-        if kind == "attn_q.weight":
+        if arch != "llama":
+            pass  # qwen2: llama.cpp rotates halves (NEOX) and keeps Hugging Face's q/k rows
+        elif kind == "attn_q.weight":
             data, heads = llama_cpp_permute(data, n_head, n_head), n_head
         elif kind == "attn_k.weight":
             data, heads = llama_cpp_permute(data, n_head, n_kv), n_kv
@@ -223,3 +234,20 @@ def write_gguf(path: Path, model, types: dict[str, Q], rope: dict | None = None,
     w.write_tensors_to_file()
     w.close()
     return back
+
+
+def write_tiny_tokenizer(directory: Path, chat_template: str = CHATML) -> None:
+    """Writes tiny_vocab as a byte-level BPE tokenizer.json (+ tokenizer_config.json: ChatML, eos <|im_end|>, no
+    bos) into a Hugging Face model directory, as Qwen2's tokenizer files are laid out."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(tiny_vocab())}
+    tokenizer = Tokenizer(models.BPE(vocab, [tuple(m.split()) for m in MERGES]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {"chat_template": chat_template, "bos_token": None, "eos_token": "<|im_end|>", "pad_token": SPECIALS[0]}
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"})
+    )

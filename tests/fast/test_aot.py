@@ -1,5 +1,6 @@
 """llama_gen.fast.aot: the decode step built ahead of time in a child process, loaded without the compiler."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,8 +11,11 @@ import torch
 from conftest import LLAMA2_TOKENIZER
 from test_engine import PROMPTS, build
 
+from llama_gen import Llama
 from llama_gen.fast import layout
 from llama_gen.fast.packed import PackedLinear
+from llama_gen.model import ModelArgs, Transformer
+from llama_gen.tokenizer import load_tokenizer
 
 
 def test_aot_int8_step_matches_torch_compile_and_never_imports_the_compiler(tiny_checkpoints, tmp_path, monkeypatch):
@@ -42,18 +46,31 @@ def test_aot_int8_step_matches_torch_compile_and_never_imports_the_compiler(tiny
     assert torch.allclose(torch.tensor(logprobs), torch.tensor(expected["logprobs"]), atol=1e-4)
 
 
-def test_aot_step_with_packed_weights_equals_eager(tiny_checkpoints, monkeypatch):
+def biased_model() -> Transformer:
+    """Returns a tiny random model with Qwen2's q/k/v biases (O(1) values, so that they matter)."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, max_batch_size=2)
+    model = Transformer(dataclasses.replace(args, max_seq_len=64, qkv_bias=True)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 1.0 if name.endswith(".bias") else 0.08)
+    return model
+
+
+def test_aot_step_with_packed_weights_and_biases_equals_eager(monkeypatch):
     # Packed weights are reached through each layer's key buffer, bound when the package is loaded: the child
     # process that built the package numbered its layers from 0, this process (after the layer below) does not.
+    # The model has Qwen2's q/k/v biases: the fused wqkv keeps them, packed, and the package binds them too.
     if not torch.backends.mkldnn.is_available():
         pytest.skip("PyTorch built without oneDNN: nothing to pack")
     PackedLinear(torch.randn(8, 8), batch_size=1)
     monkeypatch.setenv("LLAMA_GEN_AOT", "1")
     monkeypatch.setattr(layout, "cpu_weight_layout", lambda model: "packed")  # the child gets it with the Layout
-    _, ckpt = tiny_checkpoints["gqa"]
-    expected, _ = build(ckpt, max_batch_size=2).generate(PROMPTS[:2], max_gen_len=10, temperature=0)
-    packed = build(ckpt, max_batch_size=2, compile=True)
+    tokenizer = load_tokenizer(LLAMA2_TOKENIZER)
+    expected, _ = Llama.from_model(biased_model(), tokenizer).generate(PROMPTS[:2], max_gen_len=10, temperature=0)
+    packed = Llama.from_model(biased_model(), tokenizer, compile=True)
     assert packed.forward.aot is not None and any(type(m) is PackedLinear for m in packed.model.modules())
+    assert packed.model.layers[0].attention.wqkv.bias is not None
     got, _ = packed.generate(PROMPTS[:2], max_gen_len=10, temperature=0)
     assert got == expected
 

@@ -1,5 +1,6 @@
 """llama_gen.fast.layout: the one load-time choice of weight layout and kernels, and its application."""
 
+import dataclasses
 import json
 
 import pytest
@@ -75,3 +76,33 @@ def test_apply_layout_hands_the_kernels_to_every_layer():
     assert not any(isinstance(m, GemvLinear) for m in model.modules())
     assert int8 and all(m.kernels == kernels for m in int8)  # fused layers included
     assert model.layers[0].attention.wqkv in int8 and model.layers[0].feed_forward.w13 in int8
+
+
+def biased_model(seed: int = 0) -> Transformer:
+    """Returns a tiny random model with Qwen2's q/k/v biases (O(1) values, so they matter)."""
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_batch_size=2, max_seq_len=16)
+    model = Transformer(dataclasses.replace(args, qkv_bias=True)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()
+    return model
+
+
+@pytest.mark.parametrize(
+    "weights, quantize", [("plain", None), ("gemv", None), ("packed", None), ("gemv", "int8")], ids=str
+)
+def test_every_layout_keeps_the_qkv_biases(weights, quantize):
+    tokens = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    expected = biased_model().forward(tokens, 0)
+    model = biased_model()
+    biases = [torch.cat([getattr(model.layers[i].attention, w).bias for w in ("wq", "wk", "wv")]) for i in range(2)]
+    apply_layout(model, Layout(quantize, weights, 8, Int8Kernels(torch.float32, 0)))
+    for i in range(2):
+        assert torch.equal(model.layers[i].attention.wqkv.bias, biases[i])  # fused, in q, k, v order
+    got = model.forward(tokens, 0)
+    assert (got - expected).abs().max().item() <= (0.05 * expected.std().item() if quantize else 1e-5)
+    with torch.no_grad():
+        model.layers[0].attention.wqkv.bias.zero_()  # control: the biases are used
+    assert (model.forward(tokens, 0) - expected).abs().max().item() > 0.1 * expected.std().item()

@@ -31,7 +31,8 @@ def test_packed_linear_matches_f_linear_eager_and_compiled(dtype):
 def test_pack_linears_replaces_plain_layers_and_keeps_outputs():
     model = torch.nn.Sequential(torch.nn.Linear(16, 32, bias=False), torch.nn.Linear(32, 8, bias=True))
     x = torch.randn(4, 16)
-    expected = model(x)
+    expected, model_bias = model(x), model[1].bias.detach().clone()
     pack_linears(model, batch_size=4)
-    assert isinstance(model[0], PackedLinear) and type(model[1]) is torch.nn.Linear  # bias: left as it is
+    assert isinstance(model[0], PackedLinear) and isinstance(model[1], PackedLinear)  # a bias (Qwen2's q/k/v) kept
+    assert model[0].bias is None and torch.equal(model[1].bias, model_bias)
     assert torch.allclose(model(x), expected, atol=1e-5)
