@@ -39,7 +39,14 @@ MODEL_FLAGS = (
     Flag("dtype", None, str | None, "float32, bfloat16 or float16 (default: bf16 on GPUs that have it, else fp32)"),
     Flag("chat_format", None, str | None, "llama2, llama3, chatml... (default: the checkpoint's)"),
     Flag("compile", False, bool, "compile the decode step first (cached on disk for the next run)"),
-    Flag("quantize", None, str | None, "int8: weight-only int8 linear layers"),
+    Flag(
+        "quantize",
+        None,
+        str | None,
+        "weight-only quantization at load time: int8 (per channel), int8-g32/64/128 or int4-g32/64/128 (group-wise; "
+        "suffix -out4 or -outf: output layer and embedding in 4 bits or float, default 8); none for a checkpoint "
+        "that is already quantized",
+    ),
 )
 _UNSET = "(default: the checkpoint's generation_config.json, else "
 SAMPLING_FLAGS = (
