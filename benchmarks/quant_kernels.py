@@ -97,9 +97,7 @@ def main(argv=None) -> None:
                         errors[name] = max(errors.get(name, 0.0), err)
                 totals[(name, rows)] = totals.get((name, rows), 0.0) + count * t
     rows_list = [int(r) for r in args.rows.split(",")]
-    print(
-        f"All linear layers of one default-model decode step, {args.threads} threads, best of {args.repeat} calls each:\n"
-    )
+    print(f"All linears of one default-model decode step, {args.threads} threads, best of {args.repeat} calls:\n")
     print(
         "| kernel | "
         + " | ".join(f"{r} row{'s' * (r > 1)} (ms)" for r in rows_list)
