@@ -169,8 +169,8 @@ def engine_names(args) -> list[str]:
     for contender in [c for c in args.contenders.split(",") if c]:
         if contender == "hf":
             names += [f"hf:{d}" for d in args.hf_dtypes.split(",")]
-        elif contender == "llamacpp":
-            names.append("llamacpp")
+        elif contender.startswith("llamacpp"):
+            names.append(contender)
         else:
             raise SystemExit(f"unknown contender {contender!r}: use hf and/or llamacpp")
     return names
@@ -319,10 +319,16 @@ def main(argv=None) -> None:
     p.add_argument(
         "--ours",
         default="fp32,int8",
-        help="our variants: fp32, bf16, int8 (fp32 activations), int8-bf16 (bf16 activations); a suffix "
+        help="our variants: fp32, bf16, int8 (fp32 activations), int8-bf16 (bf16 activations), a group-wise "
+        "--quantize name (int8-g32, int4-g32, ...), q4_1 (the default GGUF's own blocks); a suffix "
         "@N builds that variant with max_batch_size=N (timed at batch sizes <= N only)",
     )
-    p.add_argument("--contenders", default="hf,llamacpp", help="comma list of hf, llamacpp (skipped if not installed)")
+    p.add_argument(
+        "--contenders",
+        default="hf,llamacpp",
+        help="comma list of hf, llamacpp (the model's GGUF), llamacpp:Q8_0 (it requantized to Q8_0 by the gguf "
+        "package); llama.cpp is skipped if not installed",
+    )
     p.add_argument("--hf-dtypes", default="fp32", help="dtypes HF transformers runs in, e.g. fp32,bf16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
@@ -358,9 +364,9 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     names = engine_names(args)
-    if "llamacpp" in names and not llamacpp_available():
+    if any(n.startswith("llamacpp") for n in names) and not llamacpp_available():
         print("llama-cpp-python is not installed: skipping llama.cpp (pip install llama-cpp-python)", file=sys.stderr)
-        names.remove("llamacpp")
+        names = [n for n in names if not n.startswith("llamacpp")]
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "default":
             spec = default_model_spec()
@@ -368,7 +374,7 @@ def main(argv=None) -> None:
             spec = tiny_model_spec(Path(tmp))
         else:
             spec = dict(kind="7b-random")
-            names = [n for n in names if n != "llamacpp"]  # no GGUF for random weights
+            names = [n for n in names if not n.startswith("llamacpp")]  # no GGUF for random weights
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
         # A shared machine's bandwidth drifts with its other tenants (a 1 GiB sum read 33 then 57 GB/s a minute
         # apart on the AMD EPYC of RESULTS.md): it is probed between engines, and each engine's reference is the

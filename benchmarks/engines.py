@@ -71,11 +71,14 @@ class Ours(Engine):
         from llama_gen import Llama
         from llama_gen.fast.packed import PackedLinear
 
-        quantize = "int8" if variant.startswith("int8") else None
-        dtype = variant.split("-")[1] if quantize and "-" in variant else ("fp32" if quantize else variant)
+        quantize, dtype = variant_settings(variant)
         self.name = f"ours {variant}" + ("" if compile else " (eager)")
         self.device = device
         self.max_batch = max_batch
+        if variant == "q4_1":  # the default GGUF's own blocks, kept as they are (a quantized checkpoint)
+            from llama_gen.convert import ensure_default_model
+
+            spec = ModelSpec(kind=spec.kind, ckpt_dir=str(ensure_default_model(keep_quantized=True)))
         if spec.kind == "7b-random":
             self.llama = random_llama(device, TORCH_DTYPES[dtype], max_seq_len, max_batch, compile, quantize)
         else:
@@ -94,8 +97,12 @@ class Ours(Engine):
         self.weights_bytes = tensor_bytes([*model.parameters(), *model.buffers()]) + sum(
             m.nbytes() for m in model.modules() if isinstance(m, PackedLinear)
         )  # packed weights are neither
-        embedding = tensor_bytes([*model.tok_embeddings.parameters(), *model.tok_embeddings.buffers()])
-        self.read_bytes_per_token = self.weights_bytes - embedding  # decoding reads one embedding row
+        table = [*model.tok_embeddings.parameters(), *model.tok_embeddings.buffers()]
+        tied = {t.data_ptr() for t in table} & {
+            t.data_ptr() for t in [*model.output.parameters(), *model.output.buffers()]
+        }
+        # decoding reads one embedding row (but all of it where the output layer shares it)
+        self.read_bytes_per_token = self.weights_bytes - (0 if tied else tensor_bytes(table))
         self.kv_bytes = tensor_bytes(
             [t for layer in model.layers for t in (layer.attention.cache_k, layer.attention.cache_v)]
         )
@@ -110,6 +117,17 @@ class Ours(Engine):
         out, _ = self.llama.generate(prompts, max_gen_len=new_tokens, temperature=0)
         sync(self.device)
         return out
+
+
+def variant_settings(variant: str) -> tuple[str | None, str]:
+    """Returns (quantize, dtype) of one of our variants: fp32, bf16, int8 (per channel, fp32 activations), int8-bf16
+    (bf16 activations), any group-wise --quantize name (int8-g32, int4-g32, ...: fp32 activations) and q4_1 (the
+    GGUF's blocks: already quantized)."""
+    if variant in TORCH_DTYPES or variant == "q4_1":
+        return None, "fp32" if variant == "q4_1" else variant
+    if variant.startswith("int8-") and variant.split("-")[1] in TORCH_DTYPES:
+        return "int8", variant.split("-")[1]
+    return variant, "fp32"
 
 
 def random_llama(
@@ -225,6 +243,37 @@ class LlamaCpp(Engine):
         return [out]
 
 
+def requantized_gguf(src: str, dst: str, kind: str = "Q8_0") -> str:
+    """Writes ``dst``: the GGUF file ``src`` with every 2-D tensor dequantized and quantized again to ``kind``
+    (the gguf package's reference quantizer, as llama.cpp's), all metadata copied; returns dst. Made once."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+
+    if Path(dst).is_file():
+        return dst
+    reader = GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = GGUFWriter(dst + ".partial", arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub_type)
+    writer.add_file_type({"Q8_0": 7, "Q4_0": 2, "Q4_1": 3}[kind])  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+    target = GGMLQuantizationType[kind]
+    for tensor in reader.tensors:
+        data = quants.dequantize(tensor.data, GGMLQuantizationType(tensor.tensor_type))
+        data = np.asarray(data, dtype=np.float32).reshape([int(d) for d in reversed(tensor.shape)])
+        qtype = target if data.ndim == 2 else GGMLQuantizationType.F32
+        writer.add_tensor(tensor.name, quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    Path(dst + ".partial").replace(dst)
+    return dst
+
+
 def gguf_sizes(path: str) -> tuple[int, int, int, int]:
     """Returns (tensor bytes, bytes read per decoded token, layers, K width) of a GGUF file."""
     from gguf import GGUFReader
@@ -241,8 +290,8 @@ def gguf_sizes(path: str) -> tuple[int, int, int, int]:
 def make_engine(
     name: str, spec: ModelSpec, device: str, threads: int, max_seq_len: int, max_batch: int, compile: bool
 ) -> Engine:
-    """name: ``ours:fp32`` / ``ours:int8`` / ``ours:fp32@1`` (built with max_batch_size=1) / ``hf:fp32`` /
-    ``llamacpp``."""
+    """name: ``ours:fp32`` / ``ours:int8`` / ``ours:int4-g32`` / ``ours:q4_1`` / ``ours:fp32@1`` (built with
+    max_batch_size=1) / ``hf:fp32`` / ``llamacpp`` (the model's GGUF) / ``llamacpp:Q8_0`` (it requantized)."""
     kind, _, variant = name.partition(":")
     if kind == "ours":
         variant, _, built_for = variant.partition("@")
@@ -253,6 +302,13 @@ def make_engine(
     if kind == "hf":
         return HF(spec, variant, device)
     if kind == "llamacpp":
+        if variant:  # llamacpp:Q8_0: the same weights requantized by the gguf package (made once, next to the cache)
+            made = (
+                Path.home() / ".cache" / "llama_gen" / f"{Path(spec.gguf_file).stem.rsplit('.', 1)[0]}.{variant}.gguf"
+            )
+            made.parent.mkdir(parents=True, exist_ok=True)
+            requantized_gguf(spec.gguf_path, str(made), variant)
+            spec = ModelSpec(kind=spec.kind, hf_dir=str(made.parent), gguf_file=made.name)
         return LlamaCpp(spec, threads, max_seq_len, device)
     raise ValueError(f"unknown engine {name!r}")
 

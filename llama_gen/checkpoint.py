@@ -201,6 +201,10 @@ def load_model(
     state = load_state_dict(ckpt_dir, args, mp_size, parallel.model_parallel_rank())
     args.n_kv_heads = args.kv_heads * kv_replication(args.kv_heads, mp_size)
     model = build_model(args)
+    if "quantization" in params:  # the lazy hook: a quantized checkpoint's layers keep their tensors as they are
+        from llama_gen.fast.qcheckpoint import load_quantized
+
+        load_quantized(model, state, params["quantization"], device, dtype, Path(ckpt_dir))
     check_shapes({k: v.shape for k, v in model.state_dict().items()}, state, ckpt_dir, args)
     model.load_state_dict(convert_weights(state, dtype, device), strict=True, assign=True)
     return model.to(device).eval()  # moves the buffers that are not in the checkpoint

@@ -18,9 +18,8 @@ def default_device() -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """Returns bf16 on GPUs that support it (fp16 on other GPUs and mps), fp32 on CPU."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16 else torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -30,10 +29,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """Returns a torch dtype from a name, a dtype, or None (the device's default)."""
-    if dtype is None:
-        return default_dtype(device)
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return default_dtype(device) if dtype is None else dtype
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -48,8 +45,5 @@ def has_native_bf16_matmul() -> bool:
 def warn_if_slow(device: torch.device, dtype: torch.dtype) -> None:
     """Warns when bf16 on this CPU falls back to a slow reference kernel (more than one row at a time)."""
     if device.type == "cpu" and dtype == torch.bfloat16 and not has_native_bf16_matmul():
-        warnings.warn(
-            "this CPU has no native bf16 matmuls (it lacks AVX512): bf16 runs several times slower "
-            "than float32 beyond one row (prompts, batches); dtype='float32' is faster here",
-            stacklevel=3,
-        )
+        slow = "this CPU has no native bf16 matmuls (it lacks AVX512): bf16 runs several times slower than float32"
+        warnings.warn(f"{slow} beyond one row (prompts, batches); dtype='float32' is faster here", stacklevel=3)

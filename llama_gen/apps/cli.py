@@ -1,4 +1,5 @@
-"""The ``llama-gen`` command: ``chat``, ``complete``, ``serve``, ``info``, ``convert`` and ``reshard`` subcommands.
+"""The ``llama-gen`` command: ``chat``, ``complete``, ``serve``, ``info``, ``convert``, ``reshard``, ``perplexity``
+and ``quantize`` subcommands.
 
     llama-gen chat [--ckpt_dir DIR] [--temperature 0] [--system "..."] ...
     llama-gen complete PROMPTS.jsonl [--output OUT.jsonl] [--max_batch_size 8] ...
@@ -6,6 +7,8 @@
     llama-gen info [--ckpt_dir DIR] [--max_seq_len 4096] [--max_batch_size 8]
     llama-gen convert [SRC OUT_DIR] [--dtype float32]
     llama-gen reshard ...
+    llama-gen perplexity [FILE] [--window 512] [--stride 256] [--quantize int4-g32]
+    llama-gen quantize CKPT_DIR OUT_DIR [--scheme int8-g32]
 
 Each subcommand is imported only when used, so ``llama-gen info`` starts fast.
 """
@@ -24,6 +27,8 @@ COMMANDS = {
     "info": ("llama_gen.apps.info", "main"),
     "convert": ("llama_gen.apps.convert", "main"),
     "reshard": ("llama_gen.convert.reshard", None),
+    "perplexity": ("llama_gen.apps.perplexity", "main"),
+    "quantize": ("llama_gen.apps.quantize", "main"),
 }
 
 

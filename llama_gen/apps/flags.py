@@ -46,7 +46,14 @@ MODEL_FLAGS = (
         "compile the decode step, cached on disk for later runs: True = before answering, False = never, auto "
         "(the programs' default) = answer at once eagerly while it builds in the background, then switch to it",
     ),
-    Flag("quantize", None, str | None, "int8: weight-only int8 linear layers"),
+    Flag(
+        "quantize",
+        None,
+        str | None,
+        "weight-only quantization at load time: int8 (per channel), int8-g32/64/128 or int4-g32/64/128 (group-wise; "
+        "suffix -out4 or -outf: output layer and embedding in 4 bits or float, default 8); none for a checkpoint "
+        "that is already quantized",
+    ),
 )
 _UNSET = "(default: the checkpoint's generation_config.json, else "
 SAMPLING_FLAGS = (

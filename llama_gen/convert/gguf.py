@@ -9,7 +9,6 @@ transformers in tests/convert/test_gguf.py).
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 
 from llama_gen import files
 from llama_gen.convert.chat_template import chat_settings
+from llama_gen.convert.gguf_blocks import blocks_state_dict
 from llama_gen.convert.gguf_tokenizer import gguf_tokenizer
 from llama_gen.convert.hf import rotate_half_to_meta
 from llama_gen.convert.meta_checkpoint import (
@@ -33,8 +33,12 @@ ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 rope scaling, stored as per-freque
 ARCHITECTURES = ("llama", "qwen2")  # qwen2: biases on q, k and v, q/k rows in Hugging Face's rotate-half layout
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Converts a llama or qwen2 GGUF file (dequantizing its tensors) to a Meta checkpoint; returns out_dir."""
+def convert_gguf(
+    gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32", keep_quantized: bool = False
+) -> Path:
+    """Converts a llama or qwen2 GGUF file to a Meta checkpoint; returns out_dir. Its tensors are dequantized into
+    ``dtype``, or with ``keep_quantized`` (llama only) its Q8_0/Q4_0/Q4_1 blocks are kept as they are (a quantized
+    checkpoint, llama_gen.convert.gguf_blocks; other tensors in ``dtype``)."""
     torch_dtype = checkpoint_dtype(dtype)
     src, out_dir = Path(gguf_path), Path(out_dir)
     reader = open_gguf(src)
@@ -43,8 +47,17 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
     rope_freqs = dequantize(by_name[ROPE_FREQS], src) if ROPE_FREQS in by_name else None
     params = gguf_params(meta, rope_freqs, src)
     tokenizer, tokenizer_config = gguf_tokenizer(meta, src)  # fail on an unsupported tokenizer before the slow part
-    tensors = meta_tensors(reader, params, meta["general.architecture"] == "qwen2", src)
-    state = build_state_dict(tensors, params, torch_dtype, src, tied="output.weight" not in by_name)
+    tensors = gguf_tensors(reader, params["n_layers"], src)
+    rotate_half = meta["general.architecture"] == "qwen2"
+    if keep_quantized:
+        if rotate_half:
+            raise ValueError(f"{src}: --keep_quantized supports llama GGUFs only; convert this qwen2 file to float")
+        state, params["quantization"] = blocks_state_dict(tensors, params, torch_dtype, src, dequantize)
+    else:
+        floats = ((name, torch.from_numpy(dequantize(t, src))) for name, t in tensors)
+        if rotate_half:  # qwen2: q/k rows in Hugging Face's rotate-half layout
+            floats = ((name, rotate_half_to_meta(name, w, params)) for name, w in floats)
+        state = build_state_dict(floats, params, torch_dtype, src, tied="output.weight" not in by_name)
     write_checkpoint(out_dir, params, state, gguf_generation_config(meta))
     del state
     tokenizer.save(str(out_dir / "tokenizer.json"))
@@ -182,19 +195,13 @@ def dequantize(tensor: Any, src: Path) -> np.ndarray:
     return data.reshape([int(d) for d in reversed(tensor.shape)])
 
 
-def meta_tensors(
-    reader: Any, params: dict[str, Any], rotate_half: bool, src: Path
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (Meta name, dequantized tensor) for the model tensors of a GGUF file (q/k rows of a ``rotate_half``
-    file, qwen2, un-permuted to Meta's layout)."""
-    names = meta_names(params["n_layers"], GGUF, "blk.{i}.")
-    for tensor in reader.tensors:
-        if tensor.name == ROPE_FREQS:
-            continue
-        if tensor.name not in names:
-            raise ValueError(f"{src}: unexpected tensor {tensor.name} (not part of a plain Llama model)")
-        weight = torch.from_numpy(dequantize(tensor, src))
-        yield names[tensor.name], rotate_half_to_meta(names[tensor.name], weight, params) if rotate_half else weight
+def gguf_tensors(reader: Any, n_layers: int, src: Path) -> list[tuple[str, Any]]:
+    """Returns (Meta name, GGUF tensor) for the model tensors of a GGUF file."""
+    names = meta_names(n_layers, GGUF, "blk.{i}.")
+    unexpected = [t.name for t in reader.tensors if t.name != ROPE_FREQS and t.name not in names]
+    if unexpected:
+        raise ValueError(f"{src}: unexpected tensor {unexpected[0]} (not part of a plain Llama model)")
+    return [(names[t.name], t) for t in reader.tensors if t.name != ROPE_FREQS]
 
 
 def gguf_generation_config(meta: dict[str, Any]) -> dict[str, Any]:

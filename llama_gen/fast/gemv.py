@@ -61,6 +61,35 @@ def loop_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
+def int8_lanes(words: torch.Tensor) -> list[torch.Tensor]:
+    """Returns the four int8 values of 32-bit words as float32, byte b of each word in lane b (little endian),
+    each sign-extended with shifts."""
+    return [((words << (24 - 8 * b)) >> 24).float() for b in range(3)] + [(words >> 24).float()]
+
+
+def int4_lanes(words: torch.Tensor) -> list[torch.Tensor]:
+    """Returns the eight 4-bit values 0..15 of 32-bit words as float32, nibble l (bits 4l..4l+3) in lane l."""
+    return [((words >> (4 * lane)) & 15).float() for lane in range(8)]
+
+
+def lane_columns(x: torch.Tensor, in_features: int, bits: int) -> list[torch.Tensor]:
+    """Returns x's columns in the weight words' lanes: ``[rows, 1, words]`` per lane, stored as in _stored_rows.
+
+    int8: lane b of word j is column 4j + b. int4 (llama.cpp's nibble order, llama_gen.fast.groupwise): lane
+    l = 2c + h of word j = 4 * block + t is column 32 * block + 16h + 4t + c (byte c of the word, nibble h).
+    """
+    flat = x.reshape(-1, in_features).float()
+    rows, lanes = flat.shape[0], 32 // bits
+    if bits == 8:
+        columns = flat.view(rows, in_features // 4, 4).permute(0, 2, 1)
+    else:  # [rows, block, h, t, c] -> [rows, c, h, block, t]
+        columns = flat.view(rows, in_features // 32, 2, 4, 4).permute(0, 4, 2, 1, 3)
+    words = in_features // lanes
+    columns = columns.reshape(rows, lanes, words).contiguous()
+    columns = torch.as_strided(columns, (rows, lanes, 1, words), (in_features, words, 0, 1))
+    return [columns[:, lane] for lane in range(lanes)]
+
+
 def loop_int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Returns ``F.linear(x, weight * scales[:, None])`` for an int8 weight ``[out, in]`` (in divisible by 4),
     written as loops, in x's dtype.
@@ -70,13 +99,31 @@ def loop_int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
     """
     out_features, in_features = weight.shape
     words = weight.view(torch.float32).view(torch.int32)  # via float32: Inductor then loads full vectors
-    values = [((words << (24 - 8 * b)) >> 24).float() for b in range(3)] + [(words >> 24).float()]
-    flat = x.reshape(-1, in_features).float()
-    rows = flat.shape[0]
-    columns = flat.view(rows, in_features // 4, 4).permute(0, 2, 1).contiguous()  # [rows, byte b, word]
-    columns = torch.as_strided(columns, (rows, 4, 1, in_features // 4), (in_features, in_features // 4, 0, 1))
-    columns = [columns[:, b] for b in range(4)]  # byte b of each word (little endian), stored as in _stored_rows
-    out = _multiply_sum(values, columns) * scales.float()
+    out = _multiply_sum(int8_lanes(words), lane_columns(x, in_features, 8)) * scales.float()
+    return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def loop_lanes_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
+) -> torch.Tensor:
+    """Returns ``F.linear(x, W)`` for a group-wise int8 (mins None) or int4 weight W (llama_gen.fast.groupwise),
+    written as loops, in x's dtype.
+
+    The weight is read as 32-bit words (four int8 or eight int4 values, all in one group); each value is unpacked
+    with shifts, scaled by its group's scale (plus its minimum) and multiplied by the matching column of x.
+    """
+    bits = 8 if mins is None else 4
+    out_features, n_words = qweight.shape[0], qweight.shape[1] * qweight.element_size() // 4
+    in_features = n_words * 32 // bits
+    words = qweight.view(torch.float32).view(torch.int32)  # via float32: Inductor then loads full vectors
+    lanes = int8_lanes(words) if bits == 8 else int4_lanes(words)
+
+    def per_word(t: torch.Tensor) -> torch.Tensor:  # [out, groups] -> [out, words]: every word is in one group
+        return t.float()[:, :, None].expand(-1, -1, n_words // t.shape[1]).reshape(out_features, n_words)
+
+    scale, low = per_word(scales), None if mins is None else per_word(mins)
+    values = [v * scale for v in lanes] if low is None else [v * scale + low for v in lanes]
+    out = _multiply_sum(values, lane_columns(x, in_features, bits))
     return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 

@@ -19,8 +19,16 @@ from llama_gen.checkpoint import release_freed_memory, release_pages
 from llama_gen.devices import DTYPES, has_native_bf16_matmul
 from llama_gen.fast.cpu import mkl_gemv_is_fastest
 from llama_gen.fast.gemv import use_gemv_linears
+from llama_gen.fast.groupwise import QuantLinear
 from llama_gen.fast.packed import pack_linears
-from llama_gen.fast.quantize import Int8Kernels, Int8Linear
+from llama_gen.fast.quantize import (
+    Int8Kernels,
+    Int8Linear,
+    check_quantization,
+    model_scheme,
+    parse_scheme,
+    scheme_string,
+)
 from llama_gen.fast.quantize import quantize as quantize_model
 from llama_gen.model import Transformer
 
@@ -37,7 +45,7 @@ INT8_MAX_ROWS = 1
 class Layout:
     """How the fast path keeps a model's weights and which kernels its layers run (made by choose_layout)."""
 
-    quantize: str | None  # "int8", or None: float weights
+    quantize: str | None  # "int8", a group-wise scheme (per kind: llama_gen.fast.quantize), or None: float weights
     weights: str  # the float weights' layout: "packed", "gemv" or "plain" (cpu_weight_layout)
     gemv_rows: int  # GemvLinear: compiled products of up to this many rows run as loops
     int8: Int8Kernels  # what Int8Linear multiplies with
@@ -90,20 +98,34 @@ def cpu_weight_layout(model: Transformer) -> str:
 
 
 def choose_layout(model: Transformer, compile: bool, quantize: str | None) -> Layout:
-    """Returns the layout to prepare this model with: the CPU weight layout when the step is compiled (eager code
-    runs the library kernels: "plain"), and the loop rows and int8 kernels for its dtype and this CPU."""
+    """Returns the layout to prepare this model with: its quantization (asked for, or the one a quantized checkpoint
+    came with), the CPU weight layout when the step is compiled (eager code runs the library kernels: "plain"),
+    and the loop rows and int8 kernels for its dtype and this CPU."""
+    check_quantization(quantize)
+    loaded = model_scheme(model)
+    if loaded is not None and quantize is not None:
+        raise ValueError(f"the checkpoint is already quantized ({loaded}): load it without --quantize {quantize}")
+    if quantize is not None and quantize != "int8":
+        quantize = scheme_string(parse_scheme(quantize))  # the per-kind form: what the layers are built from
     weights = cpu_weight_layout(model) if compile else "plain"
-    return Layout(quantize, weights, gemv_max_rows(model.norm.weight.dtype), int8_kernels())
+    return Layout(loaded or quantize, weights, gemv_max_rows(model.norm.weight.dtype), int8_kernels())
 
 
 # ---- carrying it out ------------------------------------------------------------------------------------
 
 
-def fused_linear(parts: list[nn.Module]) -> nn.Module:
+def fused_linear(parts: list[nn.Module]) -> nn.Module | None:
     """Returns one linear layer computing ``torch.cat([p(x) for p in parts], -1)`` (biases concatenated too, when
-    the parts have them: Qwen2's q/k/v)."""
+    the parts have them: Qwen2's q/k/v), or None where the parts differ in kind (float and quantized ones)."""
     if all(isinstance(p, Int8Linear) for p in parts):
         return Int8Linear.concat(parts)
+    if isinstance(parts[0], QuantLinear) and all(parts[0].fuses_with(p) for p in parts):
+        fused = QuantLinear.concat(parts)
+        for tensor in [t for p in parts for t in p.buffers()]:
+            release_pages(tensor)
+        return fused
+    if not all(type(p) is nn.Linear for p in parts):
+        return None
     weight = torch.cat([p.weight.detach() for p in parts], dim=0)
     for p in parts:
         release_pages(p.weight)
@@ -118,7 +140,7 @@ def fused_linear(parts: list[nn.Module]) -> nn.Module:
 def can_fuse(model: Transformer) -> bool:
     """Fusion needs plain (or int8) linear layers, not fairscale's model-parallel ones."""
     attn = model.layers[0].attention
-    plain = (nn.Linear, Int8Linear)
+    plain = (nn.Linear, Int8Linear, QuantLinear)
     return attn.wqkv is not None or all(type(getattr(attn, name)) in plain for name in ("wq", "wk", "wv"))
 
 
@@ -132,11 +154,11 @@ def fuse_projections(model: Transformer) -> Transformer:
         raise ValueError("projection fusion needs plain nn.Linear layers (model_parallel_size=1)")
     for layer in model.layers:
         attn, ff = layer.attention, layer.feed_forward
-        if attn.wqkv is None:
-            attn.wqkv = fused_linear([attn.wq, attn.wk, attn.wv])
+        if attn.wqkv is None and (fused := fused_linear([attn.wq, attn.wk, attn.wv])) is not None:
+            attn.wqkv = fused
             del attn.wq, attn.wk, attn.wv
-        if ff.w13 is None:
-            ff.w13 = fused_linear([ff.w1, ff.w3])
+        if ff.w13 is None and (fused := fused_linear([ff.w1, ff.w3])) is not None:
+            ff.w13 = fused
             del ff.w1, ff.w3
         release_freed_memory()  # this layer's unfused weights, before the next layer's fused copies
     return model
