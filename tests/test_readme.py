@@ -7,9 +7,16 @@ A ``# ...`` comment right after a line that prints is the output shown for it: t
 import contextlib
 import io
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+from conftest import REPO
+from programs import ENV
 
 pytestmark = pytest.mark.real_model
 
@@ -45,11 +52,40 @@ def test_the_readme_has_python_blocks_that_show_outputs():
     assert len(BLOCKS) >= 2 and shown_outputs(BLOCKS[0])
 
 
+SERVER = "http://127.0.0.1:8000"  # where the README's client examples find `python scripts/serve.py`
+
+
+@contextlib.contextmanager
+def readme_server(block: str):
+    """Runs the server the block talks to (the README's command, eager, a short window) while the block runs."""
+    if SERVER not in block:
+        yield
+        return
+    flags = ["--compile", "False", "--max_seq_len", "512", "--max_batch_size", "2", "--log_level", "warning"]
+    server = subprocess.Popen([sys.executable, "scripts/serve.py", *flags], cwd=REPO, env=ENV)
+    try:
+        deadline = time.monotonic() + 180
+        while not healthy():
+            assert server.poll() is None and time.monotonic() < deadline, "the README's server did not start"
+            time.sleep(0.2)
+        yield
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+
+
+def healthy() -> bool:
+    try:
+        return httpx.get(SERVER + "/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs_and_prints_what_it_shows(index):
     block = BLOCKS[index]
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with readme_server(block), contextlib.redirect_stdout(out):
         exec(compile(block, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
     printed, position = out.getvalue(), 0
     for shown in shown_outputs(block):
