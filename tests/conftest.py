@@ -89,3 +89,17 @@ def tiny_llama(tiny_checkpoints):
         ckpt, tokenizer_path=str(LLAMA2_TOKENIZER), max_seq_len=128, max_batch_size=4, device="cpu", dtype="float32"
     )
     return hf, llama
+
+
+def fail_second_step(engine, monkeypatch) -> None:
+    """Makes the engine's second decode step raise (as running out of memory would); the others run as usual."""
+    calls = {"n": 0}
+    real = engine.calls.step.decode_rows
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args)
+
+    monkeypatch.setattr(engine.calls.step, "decode_rows", failing)

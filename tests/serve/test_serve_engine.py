@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import LLAMA2_TOKENIZER
+from conftest import LLAMA2_TOKENIZER, fail_second_step
 
 from llama_gen import Llama
 from llama_gen.serve import Engine, QueueFull, RequestCancelled
@@ -107,16 +107,7 @@ def test_cancel_and_abandon_free_the_row(engine):
 
 
 def test_a_step_that_raises_fails_its_requests_and_the_engine_goes_on(engine, monkeypatch):
-    calls = {"n": 0}
-    real = engine.calls.step.decode_rows
-
-    def failing_once(*args):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("out of memory (simulated)")
-        return real(*args)
-
-    monkeypatch.setattr(engine.calls.step, "decode_rows", failing_once)
+    fail_second_step(engine, monkeypatch)
     handle = engine.submit_text(PROMPTS[0], temperature=0, max_gen_len=20)
     with pytest.raises(RuntimeError, match="simulated"):
         handle.result(timeout=30)

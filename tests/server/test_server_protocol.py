@@ -6,6 +6,7 @@ import json
 
 import httpx
 import pytest
+from conftest import fail_second_step
 
 from llama_gen.serve import Engine
 from llama_gen.server import OpenAIServer
@@ -18,19 +19,6 @@ def engine(tiny_llama):
     _, llama = tiny_llama
     with Engine(llama) as engine:
         yield engine
-
-
-def fail_second_step(engine, monkeypatch) -> None:
-    calls = {"n": 0}
-    real = engine.calls.step.decode_rows
-
-    def failing(*args):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("out of memory (simulated)")
-        return real(*args)
-
-    monkeypatch.setattr(engine.calls.step, "decode_rows", failing)
 
 
 def post(engine, body: dict) -> httpx.Response:
