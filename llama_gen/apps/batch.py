@@ -69,6 +69,7 @@ from llama_gen.generation import Llama
 from llama_gen.options import GenerationOptions
 from llama_gen.serve import Engine
 from llama_gen.serve.ranks import follow, schedules
+from llama_gen.serve.threads import on_passing_thread
 
 FILE_FLAGS = (
     Flag("prompts", REQUIRED, str, ".txt file (one prompt per line) or .jsonl file of prompt or dialog records"),
@@ -361,7 +362,7 @@ def complete_pending(values: dict, defaults: dict, path: Path, out: Path, lock, 
     written = failed = 0
     bad, too_long = [], []
     if pending:
-        llama = Llama.build(**flags.model_flags(values))
+        llama = on_passing_thread(Llama.build, **flags.model_flags(values))  # (why: llama_gen.serve.threads)
         bad, too_long = encode_or_fail(llama, pending, path, values)
         report(path, bad + too_long)
         settings_of = functools.partial(

@@ -45,6 +45,7 @@ from llama_gen.parallel import shutdown_distributed
 from llama_gen.serve import Engine
 from llama_gen.serve.chat import ChatSession
 from llama_gen.serve.ranks import follow, schedules
+from llama_gen.serve.threads import on_passing_thread
 
 HELP = """commands:
   /reset          forget the conversation (the system prompt stays)
@@ -287,7 +288,7 @@ def main(values: dict) -> None:
     max_gen_len defaults to min(512, max_seq_len // 2). No --ckpt_dir: the default SmolLM2-135M-Instruct.
     """
     settings = check_flags(values)
-    llama = Llama.build(**model_flags(values))
+    llama = on_passing_thread(Llama.build, **model_flags(values))  # (why: llama_gen.serve.threads)
     if not schedules():  # model parallel: rank 0 runs the engine and talks to the user; the others follow it
         follow(llama)
         shutdown_distributed()
@@ -298,7 +299,7 @@ def main(values: dict) -> None:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    warm_up(llama, channel)
+    on_passing_thread(warm_up, llama, channel)
     system = None if values["system"] is None else str(values["system"])
     # The turns run on a serving engine, so each reuses the cache of the turns before it (only the new turn is
     # prefilled).

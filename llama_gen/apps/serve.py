@@ -26,6 +26,7 @@ from llama_gen.apps.flags import COMPILE_AUTO, MODEL_FLAGS, SAMPLING_FLAGS, STOP
 from llama_gen.generation import Llama
 from llama_gen.serve import Engine
 from llama_gen.serve.ranks import follow, schedules
+from llama_gen.serve.threads import on_passing_thread
 from llama_gen.server import OpenAIServer, serve
 
 API_KEY_ENV = "LLAMA_GEN_API_KEY"
@@ -91,8 +92,9 @@ def main(values: dict) -> None:
     defaults = check_server_flags(values)
     api_key = values["api_key"] if values["api_key"] is not None else os.environ.get(API_KEY_ENV) or None
     name = model_name(values)
-    llama = Llama.build(**flags.model_flags(values))
-    warm_up(llama)  # (on every rank: under model parallel the compiled step's first calls run together)
+    llama = on_passing_thread(Llama.build, **flags.model_flags(values))  # (why: llama_gen.serve.threads)
+    # On every rank: under model parallel the compiled step's first calls run together.
+    on_passing_thread(warm_up, llama)
     if not schedules():  # model parallel: this rank makes the model calls of rank 0's engine
         follow(llama)
         parallel.shutdown_distributed()
