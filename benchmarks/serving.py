@@ -22,7 +22,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from machine import describe, git_commit, rss_mib  # noqa: E402
 
 from llama_gen import Llama  # noqa: E402
-from llama_gen.serve import Engine  # noqa: E402
+from llama_gen.serve import Engine, on_passing_thread  # noqa: E402
 from llama_gen.serve.chat import ChatSession  # noqa: E402
 
 QUESTIONS = [
@@ -48,9 +48,10 @@ PROMPTS = [
 
 
 def build(args) -> Llama:
-    return Llama.build(
-        max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size, device="cpu", dtype="float32",
-        compile=args.compile,
+    """Loads on a passing thread, as the programs do (llama_gen.serve.threads says why)."""
+    return on_passing_thread(
+        Llama.build, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size, device="cpu",
+        dtype="float32", compile=args.compile,
     )  # fmt: skip
 
 

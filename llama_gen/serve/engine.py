@@ -52,7 +52,8 @@ class Engine:
     neither compile nor quantize, on CPU, one rank) it runs eagerly while the compiled step builds, then switches
     to it between two steps. While the engine runs it owns the model: the Llama's own calls (from other threads)
     wait until ``close()``. Under model parallel it runs on the first rank of each model-parallel group and the
-    group's other ranks run ``llama_gen.serve.ranks.follow``.
+    group's other ranks run ``llama_gen.serve.ranks.follow``. Load the Llama on a passing thread
+    (``llama_gen.serve.threads.on_passing_thread``): the engine's steps are then the only OpenMP work.
     """
 
     def __init__(
