@@ -243,6 +243,60 @@ class LlamaCpp(Engine):
         return [out]
 
 
+class LlamaCppBatched(Engine):
+    """llama.cpp decoding up to max_batch sequences together, one ``llama_decode`` per step for all of them (its
+    C API through llama-cpp-python's bindings: one sequence id per row, as llama.cpp's own batched example and
+    server do); the high-level ``Llama`` object decodes one sequence only."""
+
+    def __init__(self, spec: ModelSpec, threads: int, max_seq_len: int, max_batch: int, device: str):
+        import llama_cpp as lc
+        import numpy as np
+
+        self.lc, self.np, self.max_batch = lc, np, max_batch
+        self.name = f"llama.cpp {Path(spec.gguf_file).stem.rsplit('.', 1)[-1]} (batched)"
+        lc.llama_backend_init()
+        model_params = lc.llama_model_default_params()
+        model_params.n_gpu_layers = -1 if device.startswith("cuda") else 0
+        self.model = lc.llama_model_load_from_file(spec.gguf_path.encode(), model_params)
+        params = lc.llama_context_default_params()
+        params.n_ctx, params.n_seq_max = max_seq_len * max_batch, max_batch
+        params.n_batch = params.n_ubatch = 512
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = lc.llama_init_from_model(self.model, params)
+        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
+        self.batch = lc.llama_batch_init(512, 0, 1)
+        self.weights_bytes, self.read_bytes_per_token, layers, kv_dim = gguf_sizes(spec.gguf_path)
+        self.kv_bytes = 2 * layers * kv_dim * max_seq_len * max_batch * 2  # f16 K and V
+
+    def _decode(self, rows: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of rows (token, position, sequence id, whether its logits are wanted)."""
+        batch = self.batch
+        batch.n_tokens = len(rows)
+        for i, (token, pos, seq, wanted) in enumerate(rows):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, wanted
+            batch.seq_id[i][0] = seq
+        if self.lc.llama_decode(self.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def _argmax(self, i: int) -> int:
+        logits = self.np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+        return int(logits.argmax())
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+        outs = []
+        for seq, prompt in enumerate(prompts):  # each prompt's prefill, in chunks of n_batch
+            for start in range(0, len(prompt), 512):
+                chunk = prompt[start : start + 512]
+                self._decode([(t, start + j, seq, start + j == len(prompt) - 1) for j, t in enumerate(chunk)])
+            outs.append([self._argmax(len(chunk) - 1)])
+        for step in range(1, new_tokens):  # one llama_decode per step for every sequence
+            self._decode([(out[-1], len(p) + step - 1, seq, True) for seq, (p, out) in enumerate(zip(prompts, outs))])
+            for i, out in enumerate(outs):
+                out.append(self._argmax(i))
+        return outs
+
+
 def requantized_gguf(src: str, dst: str, kind: str = "Q8_0") -> str:
     """Writes ``dst``: the GGUF file ``src`` with every 2-D tensor dequantized and quantized again to ``kind``
     (the gguf package's reference quantizer, as llama.cpp's), all metadata copied; returns dst. Made once."""
@@ -291,7 +345,8 @@ def make_engine(
     name: str, spec: ModelSpec, device: str, threads: int, max_seq_len: int, max_batch: int, compile: bool
 ) -> Engine:
     """name: ``ours:fp32`` / ``ours:int8`` / ``ours:int4-g32`` / ``ours:q4_1`` / ``ours:fp32@1`` (built with
-    max_batch_size=1) / ``hf:fp32`` / ``llamacpp`` (the model's GGUF) / ``llamacpp:Q8_0`` (it requantized)."""
+    max_batch_size=1) / ``hf:fp32`` / ``llamacpp`` (the model's GGUF) / ``llamacpp:Q8_0`` (it requantized) /
+    ``llamacpp-batched`` (the model's GGUF, several sequences per step)."""
     kind, _, variant = name.partition(":")
     if kind == "ours":
         variant, _, built_for = variant.partition("@")
@@ -310,6 +365,8 @@ def make_engine(
             requantized_gguf(spec.gguf_path, str(made), variant)
             spec = ModelSpec(kind=spec.kind, hf_dir=str(made.parent), gguf_file=made.name)
         return LlamaCpp(spec, threads, max_seq_len, device)
+    if kind == "llamacpp-batched":  # every batch size in one context (sequence ids), the GGUF's own blocks
+        return LlamaCppBatched(spec, threads, max_seq_len, max_batch, device)
     raise ValueError(f"unknown engine {name!r}")
 
 
