@@ -39,11 +39,13 @@ def child(load_on: str, rounds: int) -> None:
         return (time.perf_counter() - start) / 60 * 1e3
 
     asks, answers = queue.Queue(), queue.Queue()
-    threading.Thread(target=lambda: [answers.put(bench()) for _ in iter(asks.get, None)], daemon=True).start()
+    engine_like = threading.Thread(target=lambda: [answers.put(bench()) for _ in iter(asks.get, None)])
+    engine_like.start()
     for _ in range(rounds):
         asks.put(1)
         print(f"model loaded on the {load_on} thread: step on the engine-like thread {answers.get():.1f} ms")
     asks.put(None)
+    engine_like.join()
 
 
 def main() -> None:
