@@ -18,8 +18,9 @@ T = TypeVar("T")
 def on_passing_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """Returns fn(*args, **kwargs), run on a new thread that ends when it returns (its exception is raised here).
 
-    For the work before an engine starts on the calling thread (loading the model, warming it up): the OpenMP
-    threads that work makes end with it. Ctrl-C here leaves the thread to finish on its own (a daemon)."""
+    For the work done before an engine starts (loading the model, warming it up): the OpenMP threads that work
+    makes end with it, and the engine's thread is left the only one with a pool. Ctrl-C here leaves the thread
+    to finish on its own (a daemon)."""
     outcome: dict[str, Any] = {}
 
     def run() -> None:
