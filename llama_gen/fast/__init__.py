@@ -18,7 +18,7 @@ from llama_gen.fast.aot import uses_aot
 from llama_gen.fast.forward import FastForward, free_compiler_memory
 from llama_gen.fast.layout import apply_layout, can_fuse, choose_layout
 from llama_gen.fast.memory import move_to_huge_pages
-from llama_gen.fast.quantize import check_quantization, share_tied_output
+from llama_gen.fast.quantize import check_quantization
 from llama_gen.fast.quantize import quantize as quantize_model
 from llama_gen.model import Transformer
 
@@ -40,7 +40,6 @@ def prepare(model: Transformer, compile: bool = False, quantize: str | None = No
         quantize_model(model, quantize, layout.int8)  # (refuses, with its reason)
         return FastForward(model, compile=False)
     apply_layout(model, layout)
-    share_tied_output(model)
     if compile and model.norm.weight.device.type == "cpu":
         move_to_huge_pages(model)
     fast = FastForward(model, compile=compile, aot_layout=layout if compile and uses_aot(model) else None)

@@ -17,6 +17,7 @@ from torch import nn
 
 from llama_gen.checkpoint import release_freed_memory, release_pages
 from llama_gen.devices import DTYPES, has_native_bf16_matmul
+from llama_gen.fast.columns import use_column_layers
 from llama_gen.fast.cpu import mkl_gemv_is_fastest
 from llama_gen.fast.gemv import use_gemv_linears
 from llama_gen.fast.groupwise import QuantLinear
@@ -28,6 +29,7 @@ from llama_gen.fast.quantize import (
     model_scheme,
     parse_scheme,
     scheme_string,
+    share_tied_output,
 )
 from llama_gen.fast.quantize import quantize as quantize_model
 from llama_gen.model import Transformer
@@ -49,17 +51,21 @@ class Layout:
     weights: str  # the float weights' layout: "packed", "gemv" or "plain" (cpu_weight_layout)
     gemv_rows: int  # GemvLinear: compiled products of up to this many rows run as loops
     int8: Int8Kernels  # what Int8Linear multiplies with
+    columns_rows: int = 0  # group-wise layers: in the column layout, loops for up to this many rows (0: block layout)
 
     def to_json(self) -> dict:
         """Returns the layout as JSON values (for the child process that builds the step, and its cache key)."""
         int8 = {"prompt_dtype": str(self.int8.prompt_dtype).removeprefix("torch."), "loop_rows": self.int8.loop_rows}
-        return {"quantize": self.quantize, "weights": self.weights, "gemv_rows": self.gemv_rows, "int8": int8}
+        return {
+            "quantize": self.quantize, "weights": self.weights, "gemv_rows": self.gemv_rows, "int8": int8,
+            "columns_rows": self.columns_rows,
+        }  # fmt: skip
 
     @classmethod
     def from_json(cls, values: dict) -> "Layout":
         """Returns the layout that to_json described."""
         int8 = Int8Kernels(DTYPES[values["int8"]["prompt_dtype"]], values["int8"]["loop_rows"])
-        return cls(values["quantize"], values["weights"], values["gemv_rows"], int8)
+        return cls(values["quantize"], values["weights"], values["gemv_rows"], int8, values["columns_rows"])
 
 
 # ---- the choice -----------------------------------------------------------------------------------------
@@ -108,7 +114,9 @@ def choose_layout(model: Transformer, compile: bool, quantize: str | None) -> La
     if quantize is not None and quantize != "int8":
         quantize = scheme_string(parse_scheme(quantize))  # the per-kind form: what the layers are built from
     weights = cpu_weight_layout(model) if compile else "plain"
-    return Layout(loaded or quantize, weights, gemv_max_rows(model.norm.weight.dtype), int8_kernels())
+    on_cpu = model.norm.weight.device.type == "cpu" and sys.byteorder == "little"  # the loops read 32-bit words
+    columns_rows = MAX_ROWS if compile and on_cpu else 0
+    return Layout(loaded or quantize, weights, gemv_max_rows(model.norm.weight.dtype), int8_kernels(), columns_rows)
 
 
 # ---- carrying it out ------------------------------------------------------------------------------------
@@ -166,9 +174,12 @@ def fuse_projections(model: Transformer) -> Transformer:
 
 def apply_layout(model: Transformer, layout: Layout) -> None:
     """Applies the load-time weight changes in place: int8 weights (each float weight's pages dropped as it is
-    replaced), fused projections, then the float weights' layout."""
+    replaced; a tied output layer sharing the embedding's), fused projections, then the weights' layouts."""
     quantize_model(model, layout.quantize, layout.int8)
+    share_tied_output(model)
     fuse_projections(model)
+    if layout.columns_rows:
+        use_column_layers(model, layout.columns_rows)
     if layout.weights == "packed":
         pack_linears(model, batch_size=model.args.max_batch_size)
     elif layout.weights == "gemv":

@@ -11,6 +11,7 @@ from tiny_sources import Q, tiny_hf_model, tiny_vocab, write_gguf
 from llama_gen import Llama
 from llama_gen.convert import convert
 from llama_gen.convert.gguf_blocks import kind_schemes
+from llama_gen.fast.columns import ColumnQuantLinear
 from llama_gen.fast.groupwise import QuantEmbedding, QuantLinear
 from llama_gen.fast.quantize import parse_scheme
 
@@ -59,6 +60,8 @@ def test_q4_1_blocks_run_as_int4_with_llama_cpps_numbers(tmp_path: Path, monkeyp
     assert (eager.model.forward(tokens, 0) - expected).abs().max().item() <= 1e-3
     monkeypatch.setenv("LLAMA_GEN_AOT", "0")  # torch.compile in this process: the same Inductor loops, quicker here
     compiled = Llama.build(str(out), **common, compile=True)
+    assert isinstance(compiled.model.output, ColumnQuantLinear)  # the decode loops' layout, tied embedding included
+    assert compiled.model.tok_embeddings.words is compiled.model.output.words
     assert (teacher_forced(compiled.forward, tokens, 8) - expected).abs().max().item() <= 1e-3
 
 
