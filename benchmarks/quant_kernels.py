@@ -6,7 +6,10 @@ llama_gen.fast.groupwise's kernels (benchmarks/RESULTS.md).
 For each candidate, the time of all linear layers of one decode step (30 layers of fused wqkv, wo, fused w13, w2,
 then the output layer), each product timed on its own and summed:
 
-* loops int8-g32 / int4-g32: our Inductor loops (llama_gen.fast.gemv.loop_lanes_linear), compiled in-process;
+* columns int8-g32 / int4-g32: our Inductor loops on the column layout (llama_gen.fast.columns, what a compiled CPU
+  step runs), compiled in-process;
+* loops int8-g32 / int4-g32: our earlier Inductor loops on llama.cpp's block layout (llama_gen.fast.gemv.
+  loop_lanes_linear, still the one-row loops off CPU), one row only;
 * int4pack fp32 / bf16: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (PyTorch's group-wise int4 kernel, the one
   torchao's CPU int4 layout calls) with float32 or bf16 activations, group 32;
 * int8pack (per channel): ``torch.ops.aten._weight_int8pack_mm`` (bf16 activations), what ``--quantize int8`` uses;
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
+from llama_gen.fast.columns import loop_columns_linear, to_columns  # noqa: E402
 from llama_gen.fast.gemv import loop_lanes_linear  # noqa: E402
 from llama_gen.fast.groupwise import dequantize, quantize_groups, unpack_int4  # noqa: E402
 
@@ -47,8 +51,11 @@ def candidates(weight: torch.Tensor) -> dict:
     """Returns name -> (function of x, activation dtype) for one float weight."""
     q8, s8, _ = quantize_groups(weight, 8, 32)
     q4, s4, m4 = quantize_groups(weight, 4, 32)
+    c8, c4 = to_columns(q8, s8, None), to_columns(q4, s4, m4)
     out = {
         "float32 F.linear": (lambda x: F.linear(x, weight), torch.float32),
+        "columns int8-g32": (torch.compile(lambda x: loop_columns_linear(x, *c8)), torch.float32),
+        "columns int4-g32": (torch.compile(lambda x: loop_columns_linear(x, *c4)), torch.float32),
         "loops int8-g32": (torch.compile(lambda x: loop_lanes_linear(x, q8, s8, None)), torch.float32),
         "loops int4-g32": (torch.compile(lambda x: loop_lanes_linear(x, q4, s4, m4)), torch.float32),
         "dequantize int4-g32 + F.linear": (lambda x: F.linear(x, dequantize(q4, s4, m4)), torch.float32),
@@ -87,7 +94,7 @@ def main(argv=None) -> None:
         for name, (fn, dtype) in candidates(weight).items():
             for rows in [int(r) for r in args.rows.split(",")]:
                 if name.startswith("loops") and rows > 1:
-                    continue  # the fast path runs loops for one row only (compile time grows with every row)
+                    continue  # one row only (the block layout's loops grow long with every row)
                 x = torch.randn(rows, in_features).to(dtype)
                 with torch.inference_mode():
                     t = best_time(fn, x, args.repeat)

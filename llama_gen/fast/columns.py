@@ -129,7 +129,14 @@ class ColumnQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if uses_loops(x, self.in_features, self.max_rows):
             return loop_columns_linear(x, self.words, self.scales, self.mins)
-        return x @ dequantize_columns(self.words, self.scales, self.mins, x.dtype)
+        # in slices of CHUNK outputs: a prompt through a large output layer never holds its whole float weight
+        starts = range(0, self.out_features, CHUNK)
+        return torch.cat([x @ self.dequantized(start, start + CHUNK, x.dtype) for start in starts], -1)
+
+    def dequantized(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Returns outputs start..stop of the weight ``[in, out]``, dequantized into dtype."""
+        mins = None if self.mins is None else self.mins[:, start:stop]
+        return dequantize_columns(self.words[:, start:stop], self.scales[:, start:stop], mins, dtype)
 
     def extra_repr(self) -> str:
         group = self.in_features // self.scales.shape[0]

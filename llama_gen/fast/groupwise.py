@@ -11,9 +11,10 @@ fp16 scale ``s`` (and, for int4, fp16 minimum ``m``):
   ``s = d, m = -8 d``, exactly. A 32-value block is always contiguous, so larger groups are whole blocks.
 
 Dequantizing computes each value in float32 as llama.cpp does (fp16 to float32, one product, one sum), so a GGUF
-file's blocks (llama_gen.convert.gguf_blocks) give exactly its numbers. Matmuls: in compiled code, for up to
-``max_rows`` rows (a decode step), Inductor's own loops read the packed weight as 32-bit words and unpack, scale
-and multiply in registers (llama_gen.fast.gemv.loop_lanes_linear); otherwise (prompts, eager calls, more rows) the
+file's blocks (llama_gen.convert.gguf_blocks) give exactly its numbers. Matmuls: a step compiled on CPU converts
+these layers into a column layout whose decode loops vectorize (llama_gen.fast.columns). Here, in compiled code
+for up to ``max_rows`` rows, Inductor's own loops read the packed weight as 32-bit words and unpack, scale and
+multiply in registers (llama_gen.fast.gemv.loop_lanes_linear); otherwise (prompts, eager calls, more rows) the
 weight is dequantized into the activations' dtype and multiplied by the library's matmul. Kernel measurements:
 benchmarks/RESULTS.md.
 
