@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from llama_gen.fast import layout
+from llama_gen.fast.columns import ColumnQuantLinear
 from llama_gen.fast.gemv import GemvLinear
+from llama_gen.fast.groupwise import QuantLinear
 from llama_gen.fast.layout import INT8_MAX_ROWS, MAX_ROWS, NATIVE_BF16_MAX_ROWS, Layout, apply_layout
 from llama_gen.fast.quantize import Int8Kernels, Int8Linear
 from llama_gen.model import ModelArgs, Transformer
@@ -60,8 +62,19 @@ def test_kernels_follow_the_cpu(monkeypatch, native_bf16, dtype):
 def test_layout_round_trips_through_json():
     chosen = Layout("int8", "packed", 4, Int8Kernels(torch.bfloat16, 1))
     assert Layout.from_json(json.loads(json.dumps(chosen.to_json()))) == chosen
-    plain = Layout(None, "gemv", 8, Int8Kernels(torch.float32, 0))
+    plain = Layout(None, "gemv", 8, Int8Kernels(torch.float32, 0), columns_rows=8)
     assert Layout.from_json(json.loads(json.dumps(plain.to_json()))) == plain
+
+
+def test_group_wise_layers_take_the_column_layout_for_a_compiled_cpu_step():
+    model = tiny_model()
+    assert layout.choose_layout(model, compile=False, quantize="int4-g32").columns_rows == 0  # eager: block layout
+    chosen = layout.choose_layout(model, compile=True, quantize="int4-g32")
+    assert chosen.columns_rows == MAX_ROWS
+    apply_layout(model, chosen)
+    columns = [m for m in model.modules() if isinstance(m, ColumnQuantLinear)]
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert len(columns) == 5 and all(m.max_rows == MAX_ROWS for m in columns)  # wqkv, wo, w13, w2, output
 
 
 def test_apply_layout_hands_the_kernels_to_every_layer():
