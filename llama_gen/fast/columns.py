@@ -84,8 +84,7 @@ def loop_columns_linear(
     scaled = _lane_inputs(flat.view(-1, n_groups, group // lanes, lanes), bits).contiguous()
     per_group = words.view(n_groups, group // lanes, out_features).unbind(1)  # word j of every group: [groups, out]
     values = [[_lane(w, lane, bits) for lane in range(lanes)] for w in per_group]
-    scale = scales.float()
-    zero = -128 * scale if mins is None else mins.float()
+    scale, zero = scales.float(), _zeros(scales, mins)
     outs = []
     for r in range(flat.shape[0]):
         part = None
@@ -106,8 +105,23 @@ def dequantize_columns(
     values = torch.stack([(words >> (bits * lane)) & mask for lane in range(lanes)], 1)  # [in / lanes, lanes, out]
     n_groups, out_features = scales.shape
     values = values.view(n_groups, -1, out_features).float()
-    zero = -128 * scales.float() if mins is None else mins.float()
-    return (values * scales.float()[:, None] + zero[:, None]).view(-1, out_features).to(dtype)
+    return (values * scales.float()[:, None] + _zeros(scales, mins)[:, None]).view(-1, out_features).to(dtype)
+
+
+def dequantize_outputs(
+    words: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    outputs: slice | torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Returns the weight ``[in, len(outputs)]`` of the chosen outputs only (a slice, or ids), in dtype."""
+    return dequantize_columns(words[:, outputs], scales[:, outputs], None if mins is None else mins[:, outputs], dtype)
+
+
+def _zeros(scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
+    """Returns, in float32, what a stored value of 0 stands for per group: the minimum (int4), -128 scales (int8)."""
+    return -128 * scales.float() if mins is None else mins.float()
 
 
 class ColumnQuantLinear(nn.Module):
@@ -130,13 +144,9 @@ class ColumnQuantLinear(nn.Module):
         if uses_loops(x, self.in_features, self.max_rows):
             return loop_columns_linear(x, self.words, self.scales, self.mins)
         # in slices of CHUNK outputs: a prompt through a large output layer never holds its whole float weight
+        tensors = (self.words, self.scales, self.mins)
         starts = range(0, self.out_features, CHUNK)
-        return torch.cat([x @ self.dequantized(start, start + CHUNK, x.dtype) for start in starts], -1)
-
-    def dequantized(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Returns outputs start..stop of the weight ``[in, out]``, dequantized into dtype."""
-        mins = None if self.mins is None else self.mins[:, start:stop]
-        return dequantize_columns(self.words[:, start:stop], self.scales[:, start:stop], mins, dtype)
+        return torch.cat([x @ dequantize_outputs(*tensors, slice(s, s + CHUNK), x.dtype) for s in starts], -1)
 
     def extra_repr(self) -> str:
         group = self.in_features // self.scales.shape[0]
@@ -155,9 +165,7 @@ class ColumnQuantEmbedding(nn.Module):
         self.dtype = dtype  # the activations'
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        ids = tokens.reshape(-1)
-        mins = None if self.mins is None else self.mins[:, ids]
-        weight = dequantize_columns(self.words[:, ids], self.scales[:, ids], mins, self.dtype)  # [dim, tokens]
+        weight = dequantize_outputs(self.words, self.scales, self.mins, tokens.reshape(-1), self.dtype)  # [dim, tokens]
         return weight.t().reshape(*tokens.shape, self.dim)
 
 

@@ -114,8 +114,8 @@ def choose_layout(model: Transformer, compile: bool, quantize: str | None) -> La
     if quantize is not None and quantize != "int8":
         quantize = scheme_string(parse_scheme(quantize))  # the per-kind form: what the layers are built from
     weights = cpu_weight_layout(model) if compile else "plain"
-    on_cpu = model.norm.weight.device.type == "cpu" and sys.byteorder == "little"  # the loops read 32-bit words
-    columns_rows = MAX_ROWS if compile and on_cpu else 0
+    word_loops = model.norm.weight.device.type == "cpu" and sys.byteorder == "little"  # they read 32-bit words
+    columns_rows = MAX_ROWS if compile and word_loops else 0
     return Layout(loaded or quantize, weights, gemv_max_rows(model.norm.weight.dtype), int8_kernels(), columns_rows)
 
 
