@@ -4,10 +4,11 @@
                                      [--positions 40,500] [--quantize int8-g32]
 
 For each layer count the checkpoint is loaded, ``model.layers`` cut to that many, and the model prepared as the
-compiled fast path prepares it (its Layout, then the ahead-of-time step of llama_gen.fast.aot, in the default
-cache: a new layer count is a new package, built once). The difference between two counts is what the layers
-cost; what is left at one layer is the embedding, the output layer and the step's fixed work. Each figure is the
-best of 5 rounds of 50 steps at that position, 2 threads. Run it alone: other processes on the 2 cores change it.
+compiled fast path prepares it (``llama_gen.fast.prepare``: its Layout, huge pages, the ahead-of-time step of
+llama_gen.fast.aot in the default cache; a new layer count is a new package, built once). The difference between two
+counts is what the layers cost; what is left at one layer is the embedding, the output layer and the step's fixed
+work. Each figure is the best of 5 rounds of 50 steps at that position, 2 threads. Run it alone: other processes on
+the 2 cores change it.
 """
 
 import argparse
@@ -16,38 +17,32 @@ import time
 import torch
 
 from llama_gen.checkpoint import load_model
-from llama_gen.fast.aot import AotStep
-from llama_gen.fast.layout import apply_layout, choose_layout
-from llama_gen.fast.step import attention_window, causal_mask
+from llama_gen.fast import FastForward, prepare
 from llama_gen.tokenizer import load_tokenizer
 
 MAX_SEQ_LEN = 1024
 
 
-def cut_step(ckpt: str, n_layers: int, quantize: str | None) -> tuple[AotStep, torch.nn.Module, torch.Tensor]:
-    """Returns the AOT step of the checkpoint's model cut to its first n_layers layers (and the model, mask)."""
+def cut_model_forward(ckpt: str, n_layers: int, quantize: str | None) -> FastForward:
+    """Returns the compiled fast path (as ``Llama.build(compile=True)`` prepares it) of the checkpoint's model cut
+    to its first n_layers layers."""
     sizes = {"max_seq_len": MAX_SEQ_LEN, "max_batch_size": 1}
     model = load_model(ckpt, load_tokenizer(ckpt), torch.device("cpu"), torch.float32, **sizes)
     model.layers = model.layers[:n_layers]
     model.args.n_layers = n_layers
-    model.ensure_caches()
-    layout = choose_layout(model, compile=True, quantize=quantize)
-    apply_layout(model, layout)
-    mask = causal_mask(MAX_SEQ_LEN, torch.device("cpu"))
-    return AotStep(model, mask, layout), model, mask
+    return prepare(model, compile=True, quantize=quantize)
 
 
-def step_ms(step: AotStep, model: torch.nn.Module, mask: torch.Tensor, pos: int) -> float:
-    """Returns the best-of-5 mean time (ms) of 50 steps at position pos."""
-    tokens, positions = torch.tensor([[5]]), torch.tensor([pos])
-    columns = mask[:, : attention_window(pos, MAX_SEQ_LEN)]
+def step_ms(forward: FastForward, pos: int) -> float:
+    """Returns the best-of-5 mean time (ms) of 50 single-token steps at position pos."""
+    tokens = torch.tensor([[5]])
     for _ in range(20):
-        step(model, tokens, positions, columns)
+        forward(tokens, pos)
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(50):
-            step(model, tokens, positions, columns)
+            forward(tokens, pos)
         best = min(best, (time.perf_counter() - start) / 50 * 1e3)
     return best
 
@@ -61,9 +56,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
     for n_layers in [int(n) for n in args.layers.split(",")]:
-        step, model, mask = cut_step(args.ckpt, n_layers, args.quantize)
+        forward = cut_model_forward(args.ckpt, n_layers, args.quantize)
         for pos in [int(n) for n in args.positions.split(",")]:
-            ms = step_ms(step, model, mask, pos)
+            ms = step_ms(forward, pos)
             print(f"layers {n_layers:3d}  position {pos:4d}  step {ms:7.3f} ms", flush=True)
 
 
