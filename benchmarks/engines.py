@@ -236,7 +236,10 @@ class LlamaCpp(Engine):
         llm.eval(prompts[0])
         out = []
         for i in range(new_tokens):
-            token = int(self.np.argmax(llm.scores[llm.n_tokens - 1]))
+            # the last position's logits from llama.cpp itself: Llama.scores keeps rows only with logits_all=True
+            # (llama-cpp-python >= 0.3), and without it reads zeros (argmax 0: every step fed token 0)
+            logits = self.np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            token = int(self.np.argmax(logits))
             out.append(token)
             if i + 1 < new_tokens:
                 llm.eval([token])
