@@ -1,22 +1,28 @@
-"""Group-wise int8/int4 weights laid out for compiled decode loops on CPU: columns of 32-bit words.
+"""Group-wise int8/int4 weights laid out for compiled decode loops on CPU: outputs side by side, in tiles.
 
 llama.cpp's block layout (llama_gen.fast.groupwise) keeps each output's groups together, so a product with a few
 rows reduces along the inputs, one output at a time. Inductor writes such loops with scalar code for packed
 weights (the fp16 scales and the nibble order break its vectorization: ~1.4 ms per 3072x576 weight, more than
 float32's 0.1 ms). Transposed, the same product is a sum of pointwise terms vectorized along the outputs:
 
-* ``words`` int32 ``[in / lanes, out]``: word ``[k, n]`` holds inputs ``lanes * k .. lanes * k + lanes - 1`` of
-  output n, input ``lanes * k + l`` in bits ``bits * l ..`` (int4: 8 lanes of 0..15; int8: 4 lanes of the value
-  plus 128, 0..255); ``scales`` and (int4) ``mins`` fp16 ``[groups, out]``.
+* The outputs are cut into tiles of ``T`` side by side; ``qweight`` is ``[out / T, in, T]`` int8 (the signed
+  values themselves) or ``[out / T, in / 8, T]`` int32 words (int4: word ``[t, k, n]`` holds inputs ``8k .. 8k +
+  7`` of output ``t T + n``, input ``8k + l`` in bits ``4l ..``, values 0..15); ``scales`` and (int4) ``mins``
+  fp16 ``[out / T, groups, T]``. A tile's weights are one contiguous run: a loop over a tile reads memory in
+  order, where columns of the whole width made it read 32 (int8) or 4 (int4) rows far apart at once.
 * For each group g, ``part[g, n] = sum_i value[g, i, n] * x[g, i]`` and ``y[n] = sum_g part[g, n] * scale[g, n]
-  + zero[g, n] * sum_i x[g, i]``, where ``zero`` is the minimum (int4) or ``-128 * scale`` (int8): the same
-  products as ``x @ W`` in float32, summed in another order (differences ~1e-6 relative).
-* A lane is masked in place, not shifted down: ``words & (15 << 4 l)`` is the value times ``2**(4 l)``, exactly,
-  and is multiplied by ``x * 2**-(4 l)`` (computed once per row; powers of two scale exactly). The top lane is
-  shifted (its bit 31 is int32's sign).
+  (+ min[g, n] * sum_i x[g, i] for int4)``: the same products as ``x @ W`` in float32, summed in another order
+  (differences ~1e-6 relative).
+* int8 in tiles of TILE (16: one AVX-512 vector) outputs, as plain bytes Inductor loads and converts 16 at a time.
+  int4 in 32-bit words; a word's lane is masked in place, not shifted down: ``words & (15 << 4 l)`` is the value
+  times ``2**(4 l)``, exactly, and is multiplied by ``x * 2**-(4 l)`` (computed once per row; powers of two scale
+  exactly; the top lane is shifted: its bit 31 is int32's sign). int4 is tiled for one row and kept as a single
+  tile of every output for batches, as measured (llama_gen.fast.layout chooses).
 
-Measured (AMD EPYC, AVX-512, 2 threads; benchmarks/RESULTS.md): see there. Prompts (more rows than the loops
-take, or eager calls) dequantize the weight into ``[in, out]`` and run the library's matmul.
+Measured (AMD EPYC, AVX-512, 2 threads, all linears of a default-model step; benchmarks/RESULTS.md): int8 one row
+5.3 ms tiled, 7.2 as untiled bytes, 10.3 as untiled words of four; int4 one row 5.9 tiled, 6.8 untiled, 8 rows
+26.9 tiled, 23.3 untiled. Prompts (more rows than the loops take, or eager calls) dequantize the weight into
+``[in, out]``, CHUNK outputs at a time, and run the library's matmul.
 """
 
 import torch
@@ -26,132 +32,161 @@ from llama_gen.fast.gemv import uses_loops
 from llama_gen.fast.groupwise import QuantEmbedding, QuantLinear, unpack_int4
 from llama_gen.fast.memory import replace_modules
 
-CHUNK = 4096  # outputs converted at a time (small int32 temporaries: the output layer has 49,152 of them)
+# Outputs converted or dequantized at a time: small temporaries (the output layer has 49,152 outputs). A prompt's
+# peak resident memory (default model, q4_1, 512 tokens) was 350 MiB with 4096, 302 with 1024, equally fast.
+CHUNK = 1024
+TILE = 16  # int8 outputs per tile: one AVX-512 vector of float32 (tiles of 32 or 64 measured slower)
 
 
-def _column_words(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Returns int32 words ``[in / lanes, out]`` of unsigned values ``[out, in]`` (0 .. 2**bits - 1)."""
-    lanes = 32 // bits
-    v = values.to(torch.int64).view(values.shape[0], -1, lanes)
+def _column_words(values: torch.Tensor) -> torch.Tensor:
+    """Returns int32 words ``[in / 8, out]`` of 4-bit values ``[out, in]`` (0 .. 15)."""
+    v = values.to(torch.int64).view(values.shape[0], -1, 8)
     words = v[..., 0].clone()
-    for lane in range(1, lanes):
-        words |= v[..., lane] << (bits * lane)
+    for lane in range(1, 8):
+        words |= v[..., lane] << (4 * lane)
     words = torch.where(words >= 2**31, words - 2**32, words)  # the same 32 bits, as int32
     return words.to(torch.int32).t()
 
 
+def tile_width(out_features: int, bits: int, tile_int4: bool) -> int:
+    """Returns how many outputs a tile holds: TILE for int8 (and int4 when asked), else all of them."""
+    return TILE if (bits == 8 or tile_int4) and out_features % TILE == 0 else out_features
+
+
+def _tiled(columns: torch.Tensor, width: int) -> torch.Tensor:
+    """Returns ``[n, out]`` as tiles ``[out / width, n, width]`` (a copy)."""
+    return columns.view(columns.shape[0], -1, width).transpose(0, 1).contiguous()
+
+
 def to_columns(
-    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
+    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, tile_int4: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Returns (words, scales, mins) in the column layout of a weight in llama.cpp's block layout."""
-    bits = 8 if mins is None else 4
-    out_features = qweight.shape[0]
-    words = torch.empty(qweight.shape[1] * qweight.element_size() // 4, out_features, dtype=torch.int32)
-    for start in range(0, out_features, CHUNK):
+    """Returns (qweight, scales, mins) in the tiled column layout of a weight in llama.cpp's block layout."""
+    out_features, bits = qweight.shape[0], 8 if mins is None else 4
+    width = tile_width(out_features, bits, tile_int4)
+    rows_per_output = qweight.shape[1] if bits == 8 else qweight.shape[1] // 4
+    tiles = torch.empty(out_features // width, rows_per_output, width, dtype=torch.int8 if bits == 8 else torch.int32)
+    for start in range(0, out_features, CHUNK):  # small temporaries (int4: int64 words)
         rows = qweight[start : start + CHUNK]
-        values = unpack_int4(rows) if bits == 4 else rows.to(torch.int32) + 128
-        words[:, start : start + CHUNK] = _column_words(values, bits)
-    return words, scales.t().contiguous(), None if mins is None else mins.t().contiguous()
+        columns = rows.t() if bits == 8 else _column_words(unpack_int4(rows))
+        if width == out_features:
+            tiles[0, :, start : start + CHUNK] = columns
+        else:
+            tiles[start // width : (start + CHUNK) // width] = _tiled(columns, width)
+    return tiles, _tiled(scales.t(), width), None if mins is None else _tiled(mins.t(), width)
 
 
-def _lane(words: torch.Tensor, lane: int, bits: int) -> torch.Tensor:
-    """Returns lane ``lane`` of the words as float32, times ``2**(bits * lane)`` except for the top lane."""
-    mask = (1 << bits) - 1
-    if lane == 32 // bits - 1:
-        return ((words >> (32 - bits)) & mask).float()
-    return (words & (mask << (bits * lane))).float()
+def in_features_of(qweight: torch.Tensor) -> int:
+    """Returns the inputs of a tiled column-layout weight: one per int8, eight per int32 word."""
+    return qweight.shape[1] * (8 if qweight.dtype == torch.int32 else 1)
 
 
-def _lane_inputs(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Returns x ``[..., lanes]`` with each lane's inputs scaled to match the masked lanes (_lane)."""
-    lanes = 32 // bits
-    scales = [2.0 ** -(bits * lane) for lane in range(lanes - 1)] + [1.0]  # Python floats: no tensor constant
+def _lane(words: torch.Tensor, lane: int) -> torch.Tensor:
+    """Returns 4-bit lane ``lane`` of the words as float32, times ``2**(4 * lane)`` except for the top lane."""
+    if lane == 7:
+        return ((words >> 28) & 15).float()
+    return (words & (15 << (4 * lane))).float()
+
+
+def _lane_inputs(x: torch.Tensor) -> torch.Tensor:
+    """Returns x ``[..., 8]`` with each lane's inputs scaled to match the masked lanes (_lane)."""
+    scales = [2.0 ** -(4 * lane) for lane in range(7)] + [1.0]  # Python floats: no tensor constant
     return torch.stack([x[..., lane] * scale for lane, scale in enumerate(scales)], -1)
 
 
+def _sum_of_products(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Returns ``sum(a.float() * b for a, b in terms)``, written as one pointwise sum the compiler fuses."""
+    part = None
+    for a, b in terms:
+        term = a.float() * b
+        part = term if part is None else part + term
+    return part
+
+
 def loop_columns_linear(
-    x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
 ) -> torch.Tensor:
-    """Returns ``x @ W`` for a weight W in the column layout (see the module docstring), written as loops, in
-    x's dtype."""
-    bits = 8 if mins is None else 4
-    lanes = 32 // bits
-    n_groups, out_features = scales.shape
-    in_features = words.shape[0] * lanes
+    """Returns ``x @ W`` for a weight W in the tiled column layout (see the module docstring), written as loops,
+    in x's dtype."""
+    n_tiles, n_groups, width = scales.shape
+    in_features = in_features_of(qweight)
     group = in_features // n_groups
     flat = x.reshape(-1, in_features).float().contiguous().view(-1, n_groups, group)
-    sums = flat.sum(-1)  # [rows, groups]
-    scaled = _lane_inputs(flat.view(-1, n_groups, group // lanes, lanes), bits).contiguous()
-    per_group = words.view(n_groups, group // lanes, out_features).unbind(1)  # word j of every group: [groups, out]
-    values = [[_lane(w, lane, bits) for lane in range(lanes)] for w in per_group]
-    scale, zero = scales.float(), _zeros(scales, mins)
-    outs = []
-    for r in range(flat.shape[0]):
-        part = None
-        for j, word_lanes in enumerate(values):
-            for lane, value in enumerate(word_lanes):
-                term = value * scaled[r, :, j, lane, None]
-                part = term if part is None else part + term
-        outs.append((part * scale + zero * sums[r, :, None]).sum(0))
-    return torch.stack(outs).reshape(*x.shape[:-1], out_features).to(x.dtype)
+    if mins is None:  # int8: input i of every group, for every tile: [tiles, groups, width]
+        values = qweight.view(n_tiles, n_groups, group, width).unbind(2)
+        parts = [_sum_of_products([(v, row[None, :, i, None]) for i, v in enumerate(values)]) for row in flat]
+        outs = [(part * scales.float()).sum(1) for part in parts]
+    else:
+        scaled = _lane_inputs(flat.view(-1, n_groups, group // 8, 8)).contiguous()
+        per_group = qweight.view(n_tiles, n_groups, group // 8, width).unbind(2)  # word j of every group
+        lanes = [[_lane(w, lane) for lane in range(8)] for w in per_group]
+        sums = flat.sum(-1)  # [rows, groups]
+        outs = []
+        for r in range(flat.shape[0]):
+            terms = [
+                (v, scaled[r, None, :, j, lane, None]) for j, word in enumerate(lanes) for lane, v in enumerate(word)
+            ]
+            outs.append((_sum_of_products(terms) * scales.float() + mins.float() * sums[r, None, :, None]).sum(1))
+    return torch.stack(outs).reshape(*x.shape[:-1], n_tiles * width).to(x.dtype)
 
 
-def dequantize_columns(
-    words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, dtype: torch.dtype
-) -> torch.Tensor:
-    """Returns the weight ``[in, out]`` (float32 arithmetic, then dtype) of a column layout."""
-    bits = 8 if mins is None else 4
-    lanes, mask = 32 // bits, (1 << bits) - 1
-    values = torch.stack([(words >> (bits * lane)) & mask for lane in range(lanes)], 1)  # [in / lanes, lanes, out]
-    n_groups, out_features = scales.shape
-    values = values.view(n_groups, -1, out_features).float()
-    return (values * scales.float()[:, None] + _zeros(scales, mins)[:, None]).view(-1, out_features).to(dtype)
+def _untiled(tiles: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """Returns the columns ``[n, len(outputs)]`` of these outputs (ids) from tiles ``[out / width, n, width]``."""
+    width = tiles.shape[2]
+    return tiles[outputs // width, :, outputs % width].t()
 
 
 def dequantize_outputs(
-    words: torch.Tensor,
-    scales: torch.Tensor,
-    mins: torch.Tensor | None,
-    outputs: slice | torch.Tensor,
-    dtype: torch.dtype,
+    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, outputs: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Returns the weight ``[in, len(outputs)]`` of the chosen outputs only (a slice, or ids), in dtype."""
-    return dequantize_columns(words[:, outputs], scales[:, outputs], None if mins is None else mins[:, outputs], dtype)
+    """Returns the weight ``[in, len(outputs)]`` of the chosen outputs only (ids), in dtype (float32 arithmetic)."""
+    columns, scale = _untiled(qweight, outputs), _untiled(scales, outputs).float()
+    n_groups = scale.shape[0]
+    if mins is None:
+        values = columns.reshape(n_groups, -1, len(outputs)).float()
+        return (values * scale[:, None]).view(-1, len(outputs)).to(dtype)
+    values = torch.stack([(columns >> (4 * lane)) & 15 for lane in range(8)], 1)  # [in / 8, 8, outputs]
+    values = values.view(n_groups, -1, len(outputs)).float()
+    low = _untiled(mins, outputs).float()
+    return (values * scale[:, None] + low[:, None]).view(-1, len(outputs)).to(dtype)
 
 
-def _zeros(scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
-    """Returns, in float32, what a stored value of 0 stands for per group: the minimum (int4), -128 scales (int8)."""
-    return -128 * scales.float() if mins is None else mins.float()
+def dequantize_columns(
+    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Returns the whole weight ``[in, out]`` of a tiled column layout, in dtype."""
+    every = torch.arange(scales.shape[0] * scales.shape[2], device=scales.device)
+    return dequantize_outputs(qweight, scales, mins, every, dtype)
 
 
 class ColumnQuantLinear(nn.Module):
     """A bias-free group-wise int8/int4 linear layer in the column layout (see the module docstring)."""
 
-    def __init__(self, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, max_rows: int):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, max_rows: int):
         super().__init__()
         self.bits = 8 if mins is None else 4
-        self.in_features, self.out_features = words.shape[0] * 32 // self.bits, words.shape[1]
-        self.register_buffer("words", words, persistent=False)
+        self.in_features, self.out_features = in_features_of(qweight), qweight.shape[0] * qweight.shape[2]
+        self.register_buffer("qweight", qweight, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("mins", mins, persistent=False)
         self.max_rows = max_rows  # compiled products of up to this many rows run as loops
 
     @classmethod
-    def from_blocks(cls, layer: QuantLinear, max_rows: int) -> "ColumnQuantLinear":
-        return cls(*to_columns(layer.qweight, layer.scales, layer.mins), max_rows)
+    def from_blocks(cls, layer: QuantLinear, max_rows: int, tile_int4: bool = False) -> "ColumnQuantLinear":
+        return cls(*to_columns(layer.qweight, layer.scales, layer.mins, tile_int4), max_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if uses_loops(x, self.in_features, self.max_rows):
-            return loop_columns_linear(x, self.words, self.scales, self.mins)
+            return loop_columns_linear(x, self.qweight, self.scales, self.mins)
         # in slices of CHUNK outputs: a prompt through a large output layer never holds its whole float weight
-        tensors = (self.words, self.scales, self.mins)
-        starts = range(0, self.out_features, CHUNK)
-        return torch.cat([x @ dequantize_outputs(*tensors, slice(s, s + CHUNK), x.dtype) for s in starts], -1)
+        tensors = (self.qweight, self.scales, self.mins)
+        chunks = torch.arange(self.out_features, device=x.device).split(CHUNK)
+        return torch.cat([x @ dequantize_outputs(*tensors, ids, x.dtype) for ids in chunks], -1)
 
     def extra_repr(self) -> str:
-        group = self.in_features // self.scales.shape[0]
+        group = self.in_features // self.scales.shape[1]
         shape = f"in_features={self.in_features}, out_features={self.out_features}"
-        return f"{shape}, int{self.bits}, group {group}, columns"
+        return f"{shape}, int{self.bits}, group {group}, columns in tiles of {self.scales.shape[2]}"
 
 
 class ColumnQuantEmbedding(nn.Module):
@@ -159,21 +194,26 @@ class ColumnQuantEmbedding(nn.Module):
 
     def __init__(self, output: ColumnQuantLinear, dtype: torch.dtype):
         super().__init__()
-        for name in ("words", "scales", "mins"):  # the same tensors, as tied parameters are
+        for name in ("qweight", "scales", "mins"):  # the same tensors, as tied parameters are
             self.register_buffer(name, getattr(output, name), persistent=False)
         self.dim = output.in_features
         self.dtype = dtype  # the activations'
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        weight = dequantize_outputs(self.words, self.scales, self.mins, tokens.reshape(-1), self.dtype)  # [dim, tokens]
+        weight = dequantize_outputs(
+            self.qweight, self.scales, self.mins, tokens.reshape(-1), self.dtype
+        )  # [dim, tokens]
         return weight.t().reshape(*tokens.shape, self.dim)
 
 
-def use_column_layers(model: nn.Module, max_rows: int) -> None:
+def use_column_layers(model: nn.Module, max_rows: int, tile_int4: bool = False) -> None:
     """Replaces every group-wise QuantLinear by its ColumnQuantLinear (in place), running loops for up to max_rows
-    rows; an embedding tied to the output layer (sharing its tensors) then reads the output's columns."""
+    rows, int4 in tiles when asked; an embedding tied to the output layer (sharing its tensors) then reads the
+    output's columns."""
     tied = isinstance(model.tok_embeddings, QuantEmbedding) and isinstance(model.output, QuantLinear)
     tied = tied and model.tok_embeddings.qweight is model.output.qweight
-    replace_modules(model, lambda m: type(m) is QuantLinear, lambda m: ColumnQuantLinear.from_blocks(m, max_rows))
+    replace_modules(
+        model, lambda m: type(m) is QuantLinear, lambda m: ColumnQuantLinear.from_blocks(m, max_rows, tile_int4)
+    )
     if tied:
         model.tok_embeddings = ColumnQuantEmbedding(model.output, model.tok_embeddings.dtype)

@@ -61,7 +61,7 @@ def test_q4_1_blocks_run_as_int4_with_llama_cpps_numbers(tmp_path: Path, monkeyp
     monkeypatch.setenv("LLAMA_GEN_AOT", "0")  # torch.compile in this process: the same Inductor loops, quicker here
     compiled = Llama.build(str(out), **common, compile=True)
     assert isinstance(compiled.model.output, ColumnQuantLinear)  # the decode loops' layout, tied embedding included
-    assert compiled.model.tok_embeddings.words is compiled.model.output.words
+    assert compiled.model.tok_embeddings.qweight is compiled.model.output.qweight
     assert (teacher_forced(compiled.forward, tokens, 8) - expected).abs().max().item() <= 1e-3
 
 
