@@ -50,7 +50,8 @@ def test_bench_harness_runs_on_a_tiny_model(tmp_path):
     assert len(probes) == 2 * len(report["results"]) + 1 and min(probes) > 0  # 2 rounds
     for r, rounds in zip(report["results"], report["rounds"].values()):  # each engine: its best round, worst memory
         assert r["rounds"] == len(rounds) == 2
-        assert r["decode"]["2"]["tps"] == max(x["decode"]["2"]["tps"] for x in rounds)
+        # best round; a round whose decode time fell below timing noise on a loaded machine has none (bench.py: None)
+        assert (r["decode"]["2"]["tps"] or 0.0) == max(x["decode"]["2"]["tps"] or 0.0 for x in rounds)
         assert r["peak_mib"] == max(x["peak_mib"] for x in rounds)
         assert r["probe_read_gbs"] in [max(a, b) for a, b in zip(probes, probes[1:])]
     engines = {r["engine"]: r for r in report["results"]}
