@@ -210,10 +210,11 @@ class LlamaCpp(Engine):
     max_batch = 1  # llama-cpp-python's Llama object decodes one sequence
 
     def __init__(self, spec: ModelSpec, threads: int, max_seq_len: int, device: str):
+        import llama_cpp as lc
         import numpy as np
         from llama_cpp import Llama as CppLlama
 
-        self.np = np
+        self.lc, self.np = lc, np
         self.name = f"llama.cpp {Path(spec.gguf_file).stem.rsplit('.', 1)[-1]}"
         self.llm = CppLlama(
             model_path=spec.gguf_path,
@@ -236,9 +237,9 @@ class LlamaCpp(Engine):
         llm.eval(prompts[0])
         out = []
         for i in range(new_tokens):
-            # the last position's logits from llama.cpp itself: Llama.scores keeps rows only with logits_all=True
-            # (llama-cpp-python >= 0.3), and without it reads zeros (argmax 0: every step fed token 0)
-            logits = self.np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            # the last position's logits through the C API, as LlamaCppBatched reads them: Llama.scores keeps rows
+            # only with logits_all=True (llama-cpp-python >= 0.3), and without it reads zeros (every step fed token 0)
+            logits = self.np.ctypeslib.as_array(self.lc.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
             token = int(self.np.argmax(logits))
             out.append(token)
             if i + 1 < new_tokens:
