@@ -200,9 +200,8 @@ class ColumnQuantEmbedding(nn.Module):
         self.dtype = dtype  # the activations'
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        weight = dequantize_outputs(
-            self.qweight, self.scales, self.mins, tokens.reshape(-1), self.dtype
-        )  # [dim, tokens]
+        ids = tokens.reshape(-1)
+        weight = dequantize_outputs(self.qweight, self.scales, self.mins, ids, self.dtype)  # [dim, tokens]
         return weight.t().reshape(*tokens.shape, self.dim)
 
 
