@@ -281,17 +281,19 @@ def ratio_table(results: list[dict], batch_sizes: list[int]) -> str:
 
 
 def agreement(results: list[dict]) -> str:
-    """Returns how many of the first batch-1 greedy tokens each engine shares with the first engine."""
-    done = [r for r in results if "error" not in r and "1" in r["decode"]]
+    """Returns how many of the first greedy tokens (the first sequence's, at each batch size both ran) each engine
+    shares with the first engine."""
+    done = [r for r in results if "error" not in r]
     if len(done) < 2:
         return ""
     ref = done[0]
     lines = []
     for r in done[1:]:
-        a, b = ref["decode"]["1"]["tokens"], r["decode"]["1"]["tokens"]
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        lines.append(f"{r['engine']}: first {same} of {len(a)} greedy tokens equal {ref['engine']}'s")
-    return "Greedy batch-1 outputs vs " + ref["engine"] + ": " + "; ".join(lines)
+        for bsz in [b for b in ref["decode"] if b in r["decode"]]:
+            a, b = ref["decode"][bsz]["tokens"], r["decode"][bsz]["tokens"]
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            lines.append(f"{r['engine']} at batch {bsz}: first {same} of {len(a)} greedy tokens equal")
+    return "Greedy outputs vs " + ref["engine"] + ": " + "; ".join(lines) if lines else ""
 
 
 def child_peaks(results: list[dict]) -> str:

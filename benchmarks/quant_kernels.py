@@ -6,9 +6,8 @@ llama_gen.fast.groupwise's kernels (benchmarks/RESULTS.md).
 For each candidate, the time of all linear layers of one decode step (30 layers of fused wqkv, wo, fused w13, w2,
 then the output layer), each product timed on its own and summed:
 
-* columns int8-g32 / int4-g32 / int4-g32 in tiles: our Inductor loops on the column layout (llama_gen.fast.columns,
-  what a compiled CPU step runs: int8 in tiles of 16 outputs; int4 in tiles at batch 1, one tile for batches),
-  compiled in-process;
+* columns int8-g32 / int4-g32: our Inductor loops on the column layout (llama_gen.fast.columns, what a compiled
+  CPU step runs: tiles of 16 outputs, the rows a loop dimension), compiled in-process;
 * loops int8-g32 / int4-g32: our earlier Inductor loops on llama.cpp's block layout (llama_gen.fast.gemv.
   loop_lanes_linear, still the one-row loops off CPU), one row only;
 * int4pack fp32 / bf16: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (PyTorch's group-wise int4 kernel, the one
@@ -52,12 +51,11 @@ def candidates(weight: torch.Tensor) -> dict:
     """Returns name -> (function of x, activation dtype) for one float weight."""
     q8, s8, _ = quantize_groups(weight, 8, 32)
     q4, s4, m4 = quantize_groups(weight, 4, 32)
-    c8, c4, c4t = to_columns(q8, s8, None), to_columns(q4, s4, m4), to_columns(q4, s4, m4, tile_int4=True)
+    c8, c4 = to_columns(q8, s8, None), to_columns(q4, s4, m4)
     out = {
         "float32 F.linear": (lambda x: F.linear(x, weight), torch.float32),
         "columns int8-g32": (torch.compile(lambda x: loop_columns_linear(x, *c8)), torch.float32),
         "columns int4-g32": (torch.compile(lambda x: loop_columns_linear(x, *c4)), torch.float32),
-        "columns int4-g32 in tiles": (torch.compile(lambda x: loop_columns_linear(x, *c4t)), torch.float32),
         "loops int8-g32": (torch.compile(lambda x: loop_lanes_linear(x, q8, s8, None)), torch.float32),
         "loops int4-g32": (torch.compile(lambda x: loop_lanes_linear(x, q4, s4, m4)), torch.float32),
         "dequantize int4-g32 + F.linear": (lambda x: F.linear(x, dequantize(q4, s4, m4)), torch.float32),

@@ -13,16 +13,17 @@ float32's 0.1 ms). Transposed, the same product is a sum of pointwise terms vect
 * For each group g, ``part[g, n] = sum_i value[g, i, n] * x[g, i]`` and ``y[n] = sum_g part[g, n] * scale[g, n]
   (+ min[g, n] * sum_i x[g, i] for int4)``: the same products as ``x @ W`` in float32, summed in another order
   (differences ~1e-6 relative).
-* int8 in tiles of TILE (16: one AVX-512 vector) outputs, as plain bytes Inductor loads and converts 16 at a time.
-  int4 in 32-bit words; a word's lane is masked in place, not shifted down: ``words & (15 << 4 l)`` is the value
+* Tiles of TILE (16: one AVX-512 vector) outputs. int8 as plain bytes Inductor loads and converts 16 at a time;
+  int4 in 32-bit words, a word's lane masked in place, not shifted down: ``words & (15 << 4 l)`` is the value
   times ``2**(4 l)``, exactly, and is multiplied by ``x * 2**-(4 l)`` (computed once per row; powers of two scale
-  exactly; the top lane is shifted: its bit 31 is int32's sign). int4 is tiled for one row and kept as a single
-  tile of every output for batches, as measured (llama_gen.fast.layout chooses).
+  exactly; the top lane is shifted: its bit 31 is int32's sign).
+* The rows are a dimension of the loops, not unrolled: a tile is read once for all rows (loop_columns_linear).
 
 Measured (AMD EPYC, AVX-512, 2 threads, all linears of a default-model step; benchmarks/RESULTS.md): int8 one row
-5.3 ms tiled, 7.2 as untiled bytes, 10.3 as untiled words of four; int4 one row 5.9 tiled, 6.8 untiled, 8 rows
-26.9 tiled, 23.3 untiled. Prompts (more rows than the loops take, or eager calls) dequantize the weight into
-``[in, out]``, CHUNK outputs at a time, and run the library's matmul.
+5.3 ms tiled, 7.2 as untiled bytes, 10.3 as untiled words of four; int4 one row 5.9 tiled, 6.8 untiled; 8 rows
+with the rows a loop dimension: int8 16.5 ms, int4 15.9, unrolled 18.4 / 18.9 (and 4x longer to compile).
+Prompts (more rows than the loops take, or eager calls) dequantize the weight into ``[in, out]``, CHUNK outputs at a
+time, and run the library's matmul.
 """
 
 import torch
@@ -48,9 +49,9 @@ def _column_words(values: torch.Tensor) -> torch.Tensor:
     return words.to(torch.int32).t()
 
 
-def tile_width(out_features: int, bits: int, tile_int4: bool) -> int:
-    """Returns how many outputs a tile holds: TILE for int8 (and int4 when asked), else all of them."""
-    return TILE if (bits == 8 or tile_int4) and out_features % TILE == 0 else out_features
+def tile_width(out_features: int) -> int:
+    """Returns how many outputs a tile holds: TILE, or all of them where they are no multiple of TILE."""
+    return TILE if out_features % TILE == 0 else out_features
 
 
 def _tiled(columns: torch.Tensor, width: int) -> torch.Tensor:
@@ -59,11 +60,11 @@ def _tiled(columns: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def to_columns(
-    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, tile_int4: bool = False
+    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (qweight, scales, mins) in the tiled column layout of a weight in llama.cpp's block layout."""
     out_features, bits = qweight.shape[0], 8 if mins is None else 4
-    width = tile_width(out_features, bits, tile_int4)
+    width = tile_width(out_features)
     rows_per_output = qweight.shape[1] if bits == 8 else qweight.shape[1] // 4
     tiles = torch.empty(out_features // width, rows_per_output, width, dtype=torch.int8 if bits == 8 else torch.int32)
     for start in range(0, out_features, CHUNK):  # small temporaries (int4: int64 words)
@@ -107,27 +108,32 @@ def loop_columns_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
 ) -> torch.Tensor:
     """Returns ``x @ W`` for a weight W in the tiled column layout (see the module docstring), written as loops,
-    in x's dtype."""
+    in x's dtype.
+
+    The rows are a dimension of the loops (``[tiles, rows, groups, width]``, reduced over the groups), not unrolled
+    into the loop body: a tile is read from memory once and from L1 for its other rows, and the body stays the same
+    size for any number of rows (8 rows unrolled compiled 4x slower and ran ~15 % slower, benchmarks/RESULTS.md).
+    """
     n_tiles, n_groups, width = scales.shape
     in_features = in_features_of(qweight)
     group = in_features // n_groups
-    flat = x.reshape(-1, in_features).float().contiguous().view(-1, n_groups, group)
-    if mins is None:  # int8: input i of every group, for every tile: [tiles, groups, width]
-        values = qweight.view(n_tiles, n_groups, group, width).unbind(2)
-        parts = [_sum_of_products([(v, row[None, :, i, None]) for i, v in enumerate(values)]) for row in flat]
-        outs = [(part * scales.float()).sum(1) for part in parts]
-    else:
-        scaled = _lane_inputs(flat.view(-1, n_groups, group // 8, 8)).contiguous()
-        per_group = qweight.view(n_tiles, n_groups, group // 8, width).unbind(2)  # word j of every group
-        lanes = [[_lane(w, lane) for lane in range(8)] for w in per_group]
-        sums = flat.sum(-1)  # [rows, groups]
-        outs = []
-        for r in range(flat.shape[0]):
-            terms = [
-                (v, scaled[r, None, :, j, lane, None]) for j, word in enumerate(lanes) for lane, v in enumerate(word)
-            ]
-            outs.append((_sum_of_products(terms) * scales.float() + mins.float() * sums[r, None, :, None]).sum(1))
-    return torch.stack(outs).reshape(*x.shape[:-1], n_tiles * width).to(x.dtype)
+    flat = x.reshape(-1, n_groups, group).float()  # [rows, groups, group]
+    if mins is None:  # int8: input i of every group, for every tile: [tiles, 1, groups, width]
+        values = qweight.view(n_tiles, 1, n_groups, group, width)
+        terms = [(values[..., i, :], flat[None, :, :, i, None]) for i in range(group)]
+        part = _sum_of_products(terms) * scales[:, None].float()
+    else:  # int4: word j of every group, each of its 8 lanes
+        scaled = _lane_inputs(flat.view(flat.shape[0], n_groups, group // 8, 8))
+        words = qweight.view(n_tiles, 1, n_groups, group // 8, width)
+        terms = [
+            (_lane(words[..., j, :], lane), scaled[None, :, :, j, lane, None])
+            for j in range(group // 8)
+            for lane in range(8)
+        ]
+        sums = flat.sum(-1)[None, :, :, None]  # [1, rows, groups, 1]
+        part = _sum_of_products(terms) * scales[:, None].float() + mins[:, None].float() * sums
+    out = part.sum(2).transpose(0, 1)  # [rows, tiles, width]
+    return out.reshape(*x.shape[:-1], n_tiles * width).to(x.dtype)
 
 
 def _untiled(tiles: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
@@ -172,8 +178,8 @@ class ColumnQuantLinear(nn.Module):
         self.max_rows = max_rows  # compiled products of up to this many rows run as loops
 
     @classmethod
-    def from_blocks(cls, layer: QuantLinear, max_rows: int, tile_int4: bool = False) -> "ColumnQuantLinear":
-        return cls(*to_columns(layer.qweight, layer.scales, layer.mins, tile_int4), max_rows)
+    def from_blocks(cls, layer: QuantLinear, max_rows: int) -> "ColumnQuantLinear":
+        return cls(*to_columns(layer.qweight, layer.scales, layer.mins), max_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if uses_loops(x, self.in_features, self.max_rows):
@@ -205,14 +211,12 @@ class ColumnQuantEmbedding(nn.Module):
         return weight.t().reshape(*tokens.shape, self.dim)
 
 
-def use_column_layers(model: nn.Module, max_rows: int, tile_int4: bool = False) -> None:
+def use_column_layers(model: nn.Module, max_rows: int) -> None:
     """Replaces every group-wise QuantLinear by its ColumnQuantLinear (in place), running loops for up to max_rows
-    rows, int4 in tiles when asked; an embedding tied to the output layer (sharing its tensors) then reads the
+    rows; an embedding tied to the output layer (sharing its tensors) then reads the
     output's columns."""
     tied = isinstance(model.tok_embeddings, QuantEmbedding) and isinstance(model.output, QuantLinear)
     tied = tied and model.tok_embeddings.qweight is model.output.qweight
-    replace_modules(
-        model, lambda m: type(m) is QuantLinear, lambda m: ColumnQuantLinear.from_blocks(m, max_rows, tile_int4)
-    )
+    replace_modules(model, lambda m: type(m) is QuantLinear, lambda m: ColumnQuantLinear.from_blocks(m, max_rows))
     if tied:
         model.tok_embeddings = ColumnQuantEmbedding(model.output, model.tok_embeddings.dtype)

@@ -52,28 +52,20 @@ class Layout:
     gemv_rows: int  # GemvLinear: compiled products of up to this many rows run as loops
     int8: Int8Kernels  # what Int8Linear multiplies with
     columns_rows: int = 0  # group-wise layers: in the column layout, loops for up to this many rows (0: block layout)
-    tile_int4: bool = False  # int4 columns in tiles (one row: faster) or one tile of every output (batches: faster)
 
     def to_json(self) -> dict:
         """Returns the layout as JSON values (for the child process that builds the step, and its cache key)."""
         int8 = {"prompt_dtype": str(self.int8.prompt_dtype).removeprefix("torch."), "loop_rows": self.int8.loop_rows}
         return {
             "quantize": self.quantize, "weights": self.weights, "gemv_rows": self.gemv_rows, "int8": int8,
-            "columns_rows": self.columns_rows, "tile_int4": self.tile_int4,
+            "columns_rows": self.columns_rows,
         }  # fmt: skip
 
     @classmethod
     def from_json(cls, values: dict) -> "Layout":
         """Returns the layout that to_json described."""
         int8 = Int8Kernels(DTYPES[values["int8"]["prompt_dtype"]], values["int8"]["loop_rows"])
-        return cls(
-            values["quantize"],
-            values["weights"],
-            values["gemv_rows"],
-            int8,
-            values["columns_rows"],
-            values["tile_int4"],
-        )
+        return cls(values["quantize"], values["weights"], values["gemv_rows"], int8, values["columns_rows"])
 
 
 # ---- the choice -----------------------------------------------------------------------------------------
@@ -124,10 +116,8 @@ def choose_layout(model: Transformer, compile: bool, quantize: str | None) -> La
     weights = cpu_weight_layout(model) if compile else "plain"
     word_loops = model.norm.weight.device.type == "cpu" and sys.byteorder == "little"  # they read 32-bit words
     columns_rows = MAX_ROWS if compile and word_loops else 0
-    # all linears of a default-model step, int4 in tiles of 16 / one tile: 1 row 5.9 / 6.8 ms, 8 rows 26.9 / 23.3 ms
-    tile_int4 = model.args.max_batch_size == 1
     quantize, gemv_rows = loaded or quantize, gemv_max_rows(model.norm.weight.dtype)
-    return Layout(quantize, weights, gemv_rows, int8_kernels(), columns_rows, tile_int4)
+    return Layout(quantize, weights, gemv_rows, int8_kernels(), columns_rows)
 
 
 # ---- carrying it out ------------------------------------------------------------------------------------
@@ -190,7 +180,7 @@ def apply_layout(model: Transformer, layout: Layout) -> None:
     share_tied_output(model)
     fuse_projections(model)
     if layout.columns_rows:
-        use_column_layers(model, layout.columns_rows, layout.tile_int4)
+        use_column_layers(model, layout.columns_rows)
     if layout.weights == "packed":
         pack_linears(model, batch_size=model.args.max_batch_size)
     elif layout.weights == "gemv":

@@ -11,28 +11,27 @@ def layer(bits: int, group: int, out_features: int = 72, in_features: int = 256)
     return QuantLinear(*quantize_groups(torch.randn(out_features, in_features), bits, group), max_rows=1)
 
 
-@pytest.mark.parametrize("tile_int4", [False, True])
 @pytest.mark.parametrize("bits, group", [(8, 32), (8, 128), (4, 32), (4, 64), (4, 128)])
-def test_column_layout_holds_the_same_weight(bits, group, tile_int4):
+def test_column_layout_holds_the_same_weight(bits, group):
     torch.manual_seed(bits + group)
     blocks = layer(bits, group, out_features=1072)  # tiles, and more outputs than one conversion chunk (1024)
-    columns = ColumnQuantLinear.from_blocks(blocks, max_rows=8, tile_int4=tile_int4)
-    assert columns.qweight.shape[2] == (16 if bits == 8 or tile_int4 else 1072)
+    columns = ColumnQuantLinear.from_blocks(blocks, max_rows=8)
+    assert columns.qweight.shape[2] == 16
     expected = dequantize(blocks.qweight, blocks.scales, blocks.mins)
     assert torch.equal(dequantize_columns(columns.qweight, columns.scales, columns.mins, torch.float32), expected.t())
     x = torch.randn(5, 256)
     assert torch.allclose(columns(x), torch.nn.functional.linear(x, expected), rtol=1e-5, atol=1e-5)  # eager
 
 
-@pytest.mark.parametrize("tile_int4", [False, True])
-def test_compiled_loops_match_the_dequantized_product(tile_int4):
+def test_compiled_loops_match_the_dequantized_product():
     torch._dynamo.reset()
     torch.manual_seed(0)
     blocks = [layer(8, 32), layer(4, 32), layer(4, 64, out_features=40), layer(8, 32, out_features=36)]  # 36: untiled
+    blocks.append(layer(4, 32, out_features=36))
     weights = [dequantize(b.qweight, b.scales, b.mins) for b in blocks]
-    layers = [ColumnQuantLinear.from_blocks(b, max_rows=2, tile_int4=tile_int4) for b in blocks]
+    layers = [ColumnQuantLinear.from_blocks(b, max_rows=4) for b in blocks]
     compiled = torch.compile(lambda x: [layer(x) + 1 for layer in layers], fullgraph=True)
-    for shape in [(1, 1, 256), (2, 1, 256), (3, 1, 256)]:  # loops for 1 and 2 rows, the dequantized weight for 3
+    for shape in [(1, 1, 256), (2, 1, 256), (4, 1, 256), (5, 1, 256)]:  # loops for 1 to 4 rows, then dequantized
         x = torch.randn(shape)
         for weight, got in zip(weights, compiled(x)):
             expected = torch.nn.functional.linear(x.double(), weight.double()) + 1
