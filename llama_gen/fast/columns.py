@@ -142,19 +142,40 @@ def _untiled(tiles: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
     return tiles[outputs // width, :, outputs % width].t()
 
 
+def _tile_columns(tiles: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """Returns the columns ``[n, outputs]`` of tiles first .. last - 1, their outputs in order."""
+    part = tiles[first:last]
+    return part.permute(1, 0, 2).reshape(part.shape[1], -1)
+
+
+def _dequantize(
+    columns: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Returns the weight ``[in, outputs]`` of columns ``[n, outputs]`` with their scales (and int4 minimums)
+    ``[groups, outputs]``, in dtype (float32 arithmetic)."""
+    n_groups, outputs = scale.shape
+    if low is None:
+        values = columns.reshape(n_groups, -1, outputs).float()
+        return (values * scale.float()[:, None]).view(-1, outputs).to(dtype)
+    values = torch.stack([(columns >> (4 * lane)) & 15 for lane in range(8)], 1)  # [in / 8, 8, outputs]
+    values = values.view(n_groups, -1, outputs).float()
+    return (values * scale.float()[:, None] + low.float()[:, None]).view(-1, outputs).to(dtype)
+
+
 def dequantize_outputs(
     qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, outputs: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """Returns the weight ``[in, len(outputs)]`` of the chosen outputs only (ids), in dtype (float32 arithmetic)."""
-    columns, scale = _untiled(qweight, outputs), _untiled(scales, outputs).float()
-    n_groups = scale.shape[0]
-    if mins is None:
-        values = columns.reshape(n_groups, -1, len(outputs)).float()
-        return (values * scale[:, None]).view(-1, len(outputs)).to(dtype)
-    values = torch.stack([(columns >> (4 * lane)) & 15 for lane in range(8)], 1)  # [in / 8, 8, outputs]
-    values = values.view(n_groups, -1, len(outputs)).float()
-    low = _untiled(mins, outputs).float()
-    return (values * scale[:, None] + low[:, None]).view(-1, len(outputs)).to(dtype)
+    low = None if mins is None else _untiled(mins, outputs)
+    return _dequantize(_untiled(qweight, outputs), _untiled(scales, outputs), low, dtype)
+
+
+def dequantize_tiles(
+    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, first: int, last: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Returns the weight ``[in, outputs]`` of tiles first .. last - 1 (slices: no index arithmetic), in dtype."""
+    low = None if mins is None else _tile_columns(mins, first, last)
+    return _dequantize(_tile_columns(qweight, first, last), _tile_columns(scales, first, last), low, dtype)
 
 
 def dequantize_columns(
@@ -184,10 +205,12 @@ class ColumnQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if uses_loops(x, self.in_features, self.max_rows):
             return loop_columns_linear(x, self.qweight, self.scales, self.mins)
-        # in slices of CHUNK outputs: a prompt through a large output layer never holds its whole float weight
-        tensors = (self.qweight, self.scales, self.mins)
-        chunks = torch.arange(self.out_features, device=x.device).split(CHUNK)
-        return torch.cat([x @ dequantize_outputs(*tensors, ids, x.dtype) for ids in chunks], -1)
+        # whole tiles, about CHUNK outputs at a time: a prompt through a large output layer never holds its whole
+        # float weight
+        tensors, n_tiles = (self.qweight, self.scales, self.mins), self.scales.shape[0]
+        step = max(1, CHUNK // self.scales.shape[2])
+        parts = [x @ dequantize_tiles(*tensors, t, t + step, x.dtype) for t in range(0, n_tiles, step)]
+        return torch.cat(parts, -1)
 
     def extra_repr(self) -> str:
         group = self.in_features // self.scales.shape[1]
