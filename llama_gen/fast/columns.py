@@ -182,8 +182,7 @@ def dequantize_columns(
     qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
     """Returns the whole weight ``[in, out]`` of a tiled column layout, in dtype."""
-    every = torch.arange(scales.shape[0] * scales.shape[2], device=scales.device)
-    return dequantize_outputs(qweight, scales, mins, every, dtype)
+    return dequantize_tiles(qweight, scales, mins, 0, scales.shape[0], dtype)
 
 
 class ColumnQuantLinear(nn.Module):
@@ -236,8 +235,7 @@ class ColumnQuantEmbedding(nn.Module):
 
 def use_column_layers(model: nn.Module, max_rows: int) -> None:
     """Replaces every group-wise QuantLinear by its ColumnQuantLinear (in place), running loops for up to max_rows
-    rows; an embedding tied to the output layer (sharing its tensors) then reads the
-    output's columns."""
+    rows; an embedding tied to the output layer (sharing its tensors) then reads the output's columns."""
     tied = isinstance(model.tok_embeddings, QuantEmbedding) and isinstance(model.output, QuantLinear)
     tied = tied and model.tok_embeddings.qweight is model.output.qweight
     replace_modules(model, lambda m: type(m) is QuantLinear, lambda m: ColumnQuantLinear.from_blocks(m, max_rows))

@@ -116,8 +116,7 @@ def choose_layout(model: Transformer, compile: bool, quantize: str | None) -> La
     weights = cpu_weight_layout(model) if compile else "plain"
     word_loops = model.norm.weight.device.type == "cpu" and sys.byteorder == "little"  # they read 32-bit words
     columns_rows = MAX_ROWS if compile and word_loops else 0
-    quantize, gemv_rows = loaded or quantize, gemv_max_rows(model.norm.weight.dtype)
-    return Layout(quantize, weights, gemv_rows, int8_kernels(), columns_rows)
+    return Layout(loaded or quantize, weights, gemv_max_rows(model.norm.weight.dtype), int8_kernels(), columns_rows)
 
 
 # ---- carrying it out ------------------------------------------------------------------------------------
