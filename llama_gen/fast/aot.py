@@ -63,7 +63,15 @@ def step_spec(model: Transformer, batch_size: int, layout: Layout) -> dict:
         "dtype": str(model.norm.weight.dtype).removeprefix("torch."),
         "layout": layout.to_json(),
         "batch_size": batch_size,
+        "shared_table": shares_table(model),
     }
+
+
+def shares_table(model: Transformer) -> bool:
+    """True when the token embedding reads tensors of the output layer (a tied model's one table)."""
+    output = {t.data_ptr() for t in [*model.output.parameters(), *model.output.buffers()]}
+    embedding = [*model.tok_embeddings.parameters(), *model.tok_embeddings.buffers()]
+    return any(t.data_ptr() in output for t in embedding)
 
 
 def package_path(spec: dict) -> Path:
@@ -132,6 +140,10 @@ def skeleton(spec: dict) -> Transformer:
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()  # placeholder values (quantizing uninitialized memory would warn about NaNs)
+        if not spec["shared_table"]:
+            # quantizing ties an output layer equal to the embedding (share_tied_output): tie them here only when
+            # the parent's are, or the step would read the embedding from the output layer's tensors
+            model.output.weight.fill_(1)
     setup_padded_caches(model)
     apply_layout(model, Layout.from_json(spec["layout"]))
     return model

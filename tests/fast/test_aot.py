@@ -75,6 +75,38 @@ def test_aot_step_with_packed_weights_and_biases_equals_eager(monkeypatch):
     assert got == expected
 
 
+def untied_model(dtype: torch.dtype) -> Transformer:
+    """Returns a tiny random model whose output layer is not its embedding (as in Llama 3 8B; the default model's are
+    tied), with weights large enough for quantization errors to stay small against the logits' spread."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000)
+    model = Transformer(dataclasses.replace(args, max_batch_size=2, max_seq_len=64)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08)
+    return model.to(dtype)
+
+
+def teacher_forced_logits(llama: Llama, tokens: torch.Tensor, prompt_len: int) -> list[torch.Tensor]:
+    """Returns the float32 logits of a prefill of tokens[:, :prompt_len], then of one decode step per later token."""
+    steps = [llama.forward(tokens[:, :prompt_len], 0)]
+    steps += [llama.forward(tokens[:, p : p + 1], p) for p in range(prompt_len, tokens.shape[1])]
+    return [step.float() for step in steps]
+
+
+def test_aot_step_of_an_untied_group_wise_model_equals_eager(monkeypatch):
+    # The child process builds placeholder weights: equal placeholders once tied the output layer to the embedding
+    # there (group-wise quantization shares equal tables), and the step read the embedding from the output's tensors
+    monkeypatch.setenv("LLAMA_GEN_AOT", "1")
+    tokenizer = load_tokenizer(LLAMA2_TOKENIZER)
+    eager = Llama.from_model(untied_model(torch.float32), tokenizer, quantize="int4-g32")
+    compiled = Llama.from_model(untied_model(torch.float32), tokenizer, compile=True, quantize="int4-g32")
+    assert compiled.forward.aot is not None
+    tokens = torch.randint(0, 32000, (2, 12), generator=torch.Generator().manual_seed(0))
+    for e, g in zip(teacher_forced_logits(eager, tokens, 4), teacher_forced_logits(compiled, tokens, 4)):
+        assert (g - e).abs().max().item() <= 1e-4
+
+
 def test_compiled_step_reaches_the_end_of_the_cache(tiny_checkpoints):
     # the last windows cover the whole cache (the exporter specializes that case unless the cache is padded)
     _, ckpt = tiny_checkpoints["gqa"]
