@@ -322,7 +322,8 @@ def main(argv=None) -> None:
         "--ours",
         default="fp32,int8",
         help="our variants: fp32, bf16, int8 (fp32 activations), int8-bf16 (bf16 activations), a group-wise "
-        "--quantize name (int8-g32, int4-g32, ...), q4_1 (the default GGUF's own blocks); a suffix "
+        "--quantize name (int8-g32, int4-g32, ...), q4_1 (the default GGUF's own blocks), q4_1-bf16 (them in a bf16 "
+        "model: PyTorch's int4 kernel); a suffix "
         "@N builds that variant with max_batch_size=N (timed at batch sizes <= N only)",
     )
     p.add_argument(

@@ -75,7 +75,7 @@ class Ours(Engine):
         self.name = f"ours {variant}" + ("" if compile else " (eager)")
         self.device = device
         self.max_batch = max_batch
-        if variant == "q4_1":  # the default GGUF's own blocks, kept as they are (a quantized checkpoint)
+        if variant.startswith("q4_1"):  # the default GGUF's own blocks, kept as they are (a quantized checkpoint)
             from llama_gen.convert import ensure_default_model
 
             spec = ModelSpec(kind=spec.kind, ckpt_dir=str(ensure_default_model(keep_quantized=True)))
@@ -121,10 +121,12 @@ class Ours(Engine):
 
 def variant_settings(variant: str) -> tuple[str | None, str]:
     """Returns (quantize, dtype) of one of our variants: fp32, bf16, int8 (per channel, fp32 activations), int8-bf16
-    (bf16 activations), any group-wise --quantize name (int8-g32, int4-g32, ...: fp32 activations) and q4_1 (the
-    GGUF's blocks: already quantized)."""
-    if variant in TORCH_DTYPES or variant == "q4_1":
-        return None, "fp32" if variant == "q4_1" else variant
+    (bf16 activations), any group-wise --quantize name (int8-g32, int4-g32, ...: fp32 activations), q4_1 (the
+    GGUF's blocks: already quantized; fp32 activations) and q4_1-bf16 (the same blocks in a bf16 model)."""
+    if variant in TORCH_DTYPES:
+        return None, variant
+    if variant in ("q4_1", "q4_1-bf16"):
+        return None, "bf16" if variant == "q4_1-bf16" else "fp32"
     if variant.startswith("int8-") and variant.split("-")[1] in TORCH_DTYPES:
         return "int8", variant.split("-")[1]
     return variant, "fp32"

@@ -13,7 +13,8 @@ greedy agreement, with llama.cpp's figures on the same GGUF file (llama-cpp-pyth
 * greedy agreement: how many of the 8 free-running greedy continuations equal float32's exactly.
 
 Variants: fp32, bf16 (the weights rounded to bf16), any ``--quantize`` name of ours on the float32 checkpoint
-(int8 is per channel), q4_1 (the GGUF's own Q4_1/Q8_0 blocks, kept as they are: ``convert --keep_quantized``) and
+(int8 is per channel), q4_1 (the GGUF's own Q4_1/Q8_0 blocks, kept as they are: ``convert --keep_quantized``),
+q4_1-bf16 (the same blocks in a bf16 model; with ``--compile`` its int4 layers run PyTorch's int4 kernel) and
 llamacpp (the same GGUF in llama.cpp, which also rounds activations to 8 bits in its matmuls).
 """
 
@@ -45,8 +46,9 @@ def build(variant: str, max_seq_len: int, compile: bool):
     common = dict(max_seq_len=max_seq_len, max_batch_size=len(PROMPTS), device="cpu", compile=compile)
     if variant in ("fp32", "bf16"):
         return Llama.build(str(ensure_default_model()), dtype="float32" if variant == "fp32" else "bfloat16", **common)
-    if variant == "q4_1":
-        return Llama.build(str(ensure_default_model(keep_quantized=True)), dtype="float32", **common)
+    if variant in ("q4_1", "q4_1-bf16"):  # -bf16: in a bf16 model (compiled: PyTorch's int4 kernel)
+        dtype = "bfloat16" if variant == "q4_1-bf16" else "float32"
+        return Llama.build(str(ensure_default_model(keep_quantized=True)), dtype=dtype, **common)
     return Llama.build(str(ensure_default_model()), dtype="float32", quantize=variant, **common)
 
 
