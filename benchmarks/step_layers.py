@@ -1,7 +1,7 @@
 """Where a compiled batch-1 decode step's time goes: the same step with the model cut to fewer layers.
 
     python benchmarks/step_layers.py [--ckpt checkpoints/smollm2-135m-instruct-q4_1] [--layers 1,4,30]
-                                     [--positions 40,500] [--quantize int8-g32]
+                                     [--positions 40,500] [--quantize int8-g32] [--dtype bfloat16]
 
 For each layer count the checkpoint is loaded, ``model.layers`` cut to that many, and the model prepared as the
 compiled fast path prepares it (``llama_gen.fast.prepare``: its Layout, huge pages, the ahead-of-time step of
@@ -23,11 +23,11 @@ from llama_gen.tokenizer import load_tokenizer
 MAX_SEQ_LEN = 1024
 
 
-def cut_model_forward(ckpt: str, n_layers: int, quantize: str | None) -> FastForward:
+def cut_model_forward(ckpt: str, n_layers: int, quantize: str | None, dtype: torch.dtype) -> FastForward:
     """Returns the compiled fast path (as ``Llama.build(compile=True)`` prepares it) of the checkpoint's model cut
     to its first n_layers layers."""
     sizes = {"max_seq_len": MAX_SEQ_LEN, "max_batch_size": 1}
-    model = load_model(ckpt, load_tokenizer(ckpt), torch.device("cpu"), torch.float32, **sizes)
+    model = load_model(ckpt, load_tokenizer(ckpt), torch.device("cpu"), dtype, **sizes)
     model.layers = model.layers[:n_layers]
     model.args.n_layers = n_layers
     return prepare(model, compile=True, quantize=quantize)
@@ -53,10 +53,11 @@ def main() -> None:
     p.add_argument("--layers", default="1,4,30", help="comma-separated layer counts")
     p.add_argument("--positions", default="40,500", help="comma-separated positions (< 1024)")
     p.add_argument("--quantize", default=None, help="a scheme for a float checkpoint (int8-g32, ...)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
     torch.set_num_threads(2)
     for n_layers in [int(n) for n in args.layers.split(",")]:
-        forward = cut_model_forward(args.ckpt, n_layers, args.quantize)
+        forward = cut_model_forward(args.ckpt, n_layers, args.quantize, getattr(torch, args.dtype))
         for pos in [int(n) for n in args.positions.split(",")]:
             ms = step_ms(forward, pos)
             print(f"layers {n_layers:3d}  position {pos:4d}  step {ms:7.3f} ms", flush=True)

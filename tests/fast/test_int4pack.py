@@ -2,16 +2,13 @@
 
 import pytest
 import torch
-from conftest import LLAMA2_TOKENIZER
-from test_aot import teacher_forced_logits, untied_model
+from test_aot import untied_steps
 
-from llama_gen import Llama
 from llama_gen.devices import has_native_bf16_matmul
 from llama_gen.fast import layout
 from llama_gen.fast.groupwise import QuantLinear, dequantize
 from llama_gen.fast.int4pack import Int4PackLinear, use_int4pack_layers
 from llama_gen.model import ModelArgs, Transformer
-from llama_gen.tokenizer import load_tokenizer
 
 needs_native_bf16 = pytest.mark.skipif(
     not has_native_bf16_matmul(), reason="PyTorch's int4 CPU kernel is for CPUs with native bf16 matmuls"
@@ -68,14 +65,9 @@ def test_compiled_step_calls_the_kernel_and_equals_eager(monkeypatch):
     # the weights when the package is loaded (Inductor's own lowering of the aten op would add a constant of its
     # own, which such a package cannot be given). Teacher-forced: the same tokens through both, logits compared.
     monkeypatch.setenv("LLAMA_GEN_AOT", "1")
-    tokenizer = load_tokenizer(LLAMA2_TOKENIZER)
-    eager = Llama.from_model(untied_model(torch.bfloat16), tokenizer, quantize="int4-g32")
-    compiled = Llama.from_model(untied_model(torch.bfloat16), tokenizer, compile=True, quantize="int4-g32")
-    assert compiled.forward.aot is not None
-    for llama in (eager, compiled):
+    llamas, steps = untied_steps(torch.bfloat16, "int4-g32")
+    for llama in llamas:
         kernels = [m for m in llama.model.modules() if isinstance(m, Int4PackLinear)]
         # wqkv, wo, w13 and w2 of both layers (the output layer is int8 in this scheme)
         assert len(kernels) == 8 and not any(getattr(m, "bits", 0) == 4 for m in llama.model.modules())
-    tokens = torch.randint(0, 32000, (2, 12), generator=torch.Generator().manual_seed(0))
-    for e, g in zip(teacher_forced_logits(eager, tokens, 4), teacher_forced_logits(compiled, tokens, 4)):
-        assert (g - e).abs().max().item() <= 0.1 * e.std().item()  # bf16: Inductor rounds less often than eager
+    assert all(difference <= 0.1 * spread for difference, spread in steps)  # bf16: Inductor rounds less often
