@@ -104,10 +104,9 @@ class Llama:
         """Returns a generator around a loaded model (``kw``: generation_config, chat_format, as for ``Llama()``).
 
         ``compile`` / ``quantize`` first prepare the model in place for the fast path (llama_gen.fast.prepare:
-        fused projections, CPU weight layout, int8, a compiled decode step), as does a model that came with the fast
-        path's layers (a quantized checkpoint's), so that its layers take their kernels' layout."""
+        fused projections, CPU weight layout, int8, a compiled decode step)."""
         forward = None
-        if compile or quantize or has_fast_path_layers(model):
+        if compile or quantize:
             from llama_gen.fast import prepare  # the lazy hook into the optional fast path
 
             forward = prepare(model, compile=compile, quantize=quantize)  # allocates the caches it needs
@@ -301,9 +300,3 @@ class Llama:
 def _check_list(items: Sequence, what: str) -> None:
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
         raise ValueError(f"{what} must be a list; wrap a single prompt in a list: [{what[:-1]}]")
-
-
-def has_fast_path_layers(model: Transformer) -> bool:
-    """True when the model holds layers of the optional fast path (llama_gen.fast), as a quantized checkpoint's
-    model does; told by module name, so the core never imports that layer."""
-    return any(type(m).__module__.startswith("llama_gen.fast") for m in model.modules())

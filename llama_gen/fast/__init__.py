@@ -18,7 +18,7 @@ from llama_gen.fast.aot import uses_aot
 from llama_gen.fast.forward import FastForward, free_compiler_memory
 from llama_gen.fast.layout import apply_layout, can_fuse, choose_layout
 from llama_gen.fast.memory import move_to_huge_pages
-from llama_gen.fast.quantize import check_quantization, model_scheme
+from llama_gen.fast.quantize import check_quantization
 from llama_gen.fast.quantize import quantize as quantize_model
 from llama_gen.model import Transformer
 
@@ -33,7 +33,7 @@ def prepare(model: Transformer, compile: bool = False, quantize: str | None = No
     ``compile``: ahead of time in a child process on CPU (llama_gen.fast.aot), else with ``torch.compile``.
     With model parallel, fairscale's layers stay as they are: eager, and int8 is refused.
     """
-    if not (compile or quantize or model_scheme(model)):
+    if not (compile or quantize):
         return None
     layout = choose_layout(model, compile, quantize)
     if not can_fuse(model):  # model parallel: fairscale's layers and collectives stay eager

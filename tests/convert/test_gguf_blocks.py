@@ -57,8 +57,7 @@ def test_q4_1_blocks_run_as_int4_with_llama_cpps_numbers(tmp_path: Path, monkeyp
     common = dict(max_seq_len=32, max_batch_size=1, device="cpu", dtype="float32")
     eager = Llama.build(str(out), **common)
     model = eager.model
-    # loaded as blocks, prepared for the fast path even eagerly (q, k and v fused)
-    assert isinstance(model.tok_embeddings, QuantEmbedding) and isinstance(model.layers[0].attention.wqkv, QuantLinear)
+    assert isinstance(model.tok_embeddings, QuantEmbedding) and isinstance(model.layers[0].attention.wq, QuantLinear)
     assert model.output.qweight is model.tok_embeddings.qweight  # tied: one copy (one tensor: huge pages keep it one)
     assert (eager.model.forward(tokens, 0) - expected).abs().max().item() <= 1e-3
     monkeypatch.setenv("LLAMA_GEN_AOT", "0")  # torch.compile in this process: the same Inductor loops, quicker here
@@ -69,14 +68,15 @@ def test_q4_1_blocks_run_as_int4_with_llama_cpps_numbers(tmp_path: Path, monkeyp
 
 
 @pytest.mark.skipif(not has_native_bf16_matmul(), reason="PyTorch's int4 CPU kernel needs native bf16 matmuls")
-def test_q4_1_blocks_in_a_bf16_model_run_on_pytorchs_int4_kernel(tmp_path: Path) -> None:
+def test_q4_1_blocks_in_a_bf16_model_run_on_pytorchs_int4_kernel(tmp_path: Path, monkeypatch) -> None:
     hf = tiny_hf_model(intermediate_size=192, vocab_size=len(tiny_vocab()), tie_word_embeddings=True)
     hf.load_state_dict(write_gguf(tmp_path / "tiny.gguf", hf, BLOCK_TYPES))  # the reference: dequantized weights
     out = convert(tmp_path / "tiny.gguf", tmp_path / "q", keep_quantized=True)
     tokens = torch.randint(0, hf.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = hf(tokens).logits.float()
-    llama = Llama.build(str(out), max_seq_len=32, max_batch_size=1, device="cpu", dtype="bfloat16")
+    monkeypatch.setenv("LLAMA_GEN_AOT", "0")  # torch.compile in this process: quicker here (test_int4pack: AOT)
+    llama = Llama.build(str(out), max_seq_len=32, max_batch_size=1, device="cpu", dtype="bfloat16", compile=True)
     kernels = [m for m in llama.model.modules() if isinstance(m, Int4PackLinear)]
     assert len(kernels) == 3 * hf.config.num_hidden_layers  # wqkv, wo and w13 (Q4_0, Q4_1); w2 is Q8_0
     got = teacher_forced(llama.forward, tokens, 8).float()
