@@ -12,7 +12,8 @@ fp16 scale ``s`` (and, for int4, fp16 minimum ``m``):
 
 Dequantizing computes each value in float32 as llama.cpp does (fp16 to float32, one product, one sum), so a GGUF
 file's blocks (llama_gen.convert.gguf_blocks) give exactly its numbers. Matmuls: a step compiled on CPU converts
-these layers into a column layout whose decode loops vectorize (llama_gen.fast.columns). Here, in compiled code
+these layers into a column layout whose decode loops vectorize (llama_gen.fast.columns); in a bf16 model the int4
+ones take PyTorch's own int4 kernel instead (llama_gen.fast.int4pack). Here, in compiled code
 for up to ``max_rows`` rows, Inductor's own loops read the packed weight as 32-bit words and unpack, scale and
 multiply in registers (llama_gen.fast.gemv.loop_lanes_linear); otherwise (prompts, eager calls, more rows) the
 weight is dequantized into the activations' dtype and multiplied by the library's matmul. Kernel measurements:

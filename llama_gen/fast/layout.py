@@ -3,7 +3,8 @@
 ``choose_layout`` decides once, at load time, from the model's dtype, its largest batch and the CPU
 (llama_gen.fast.cpu; measured, benchmarks/RESULTS.md), everything the layers need: int8 weights or not, the
 layout of the float weights ("packed": oneDNN-packed, llama_gen.fast.packed; "gemv": plain, compiled into
-Inductor's own loops, llama_gen.fast.gemv; "plain": library kernels) and up to how many rows the loops run. The
+Inductor's own loops, llama_gen.fast.gemv; "plain": library kernels), up to how many rows the loops run, and
+whether group-wise int4 layers run PyTorch's int4 kernel (bf16 models, llama_gen.fast.int4pack). The
 decision is a ``Layout``; ``apply_layout`` carries it out, in this process and in the child process that builds
 the decode step ahead of time (llama_gen.fast.aot, which receives it as JSON). The layers are given their
 part of it when they are built and never ask the CPU themselves.
@@ -53,9 +54,7 @@ class Layout:
     gemv_rows: int  # GemvLinear: compiled products of up to this many rows run as loops
     int8: Int8Kernels  # what Int8Linear multiplies with
     columns_rows: int = 0  # group-wise layers: in the column layout, loops for up to this many rows (0: block layout)
-    int4pack: bool = (
-        False  # group-wise int4 layers run PyTorch's CPU int4 kernel (bf16 models: llama_gen.fast.int4pack)
-    )
+    int4pack: bool = False  # group-wise int4 layers on PyTorch's int4 kernel (llama_gen.fast.int4pack)
 
     def to_json(self) -> dict:
         """Returns the layout as JSON values (for the child process that builds the step, and its cache key)."""
