@@ -2,10 +2,10 @@
 
 PyTorch ships a weight-only int4 matmul for CPU (``aten._weight_int4pack_mm_for_cpu``, the kernel torchao's
 int4 weight-only CPU layout calls): AVX-512 code that unpacks and scales the weights in registers, for bf16
-activations (float32 and fp16 activations run a slow reference loop: ~50x slower, measured). On the default model
-it runs all linears of a decode step in ~3 ms at one row and ~10 ms at 8 rows, against ~3.8 / ~16 ms for our
-float32 loops (llama_gen.fast.columns; benchmarks/RESULTS.md), so a bf16 model's int4 layers use it, eagerly and
-compiled, for every number of rows.
+activations (float32 and fp16 activations run a slow reference loop: ~40-50x slower, measured). On the default
+model it runs all linears of a decode step in ~3 ms at one row and ~10 ms at 8 rows, against ~3.8 / ~16 ms for our
+float32 loops (llama_gen.fast.columns; benchmarks/RESULTS.md), so a bf16 model's int4 layers use it wherever the
+model is prepared for the fast path (compiled, or quantized at load time), for prompts and decode steps alike.
 
 The kernel dequantizes ``w = (q - 8) * scale + zero`` from values q in 0..15: llama.cpp's ``q * s + m`` (our
 block layout, llama_gen.fast.groupwise) is ``scale = s, zero = m + 8 s``, both kept in bf16 (the model's dtype;
