@@ -26,16 +26,17 @@ Prompts (more rows than the loops take, or eager calls) dequantize the weight in
 time, and run the library's matmul.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from llama_gen.fast.gemv import uses_loops
-from llama_gen.fast.groupwise import QuantEmbedding, QuantLinear, unpack_int4
+from llama_gen.fast.groupwise import CHUNK, QuantEmbedding, QuantLinear, product_in_chunks, unpack_int4
 from llama_gen.fast.memory import replace_modules
 
-# Outputs converted or dequantized at a time: small temporaries (the output layer has 49,152 outputs). A prompt's
-# peak resident memory (default model, q4_1, 512 tokens) was 350 MiB with 4096, 302 with 1024, equally fast.
-CHUNK = 1024
+# Outputs converted or dequantized at a time (groupwise.CHUNK): a prompt's peak resident memory (default model,
+# q4_1, 512 tokens) was 350 MiB with 4096, 302 with 1024, equally fast.
 TILE = 16  # int8 outputs per tile: one AVX-512 vector of float32 (tiles of 32 or 64 measured slower)
 
 
@@ -204,12 +205,13 @@ class ColumnQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if uses_loops(x, self.in_features, self.max_rows):
             return loop_columns_linear(x, self.qweight, self.scales, self.mins)
-        # whole tiles, about CHUNK outputs at a time: a prompt through a large output layer never holds its whole
-        # float weight
-        tensors, n_tiles = (self.qweight, self.scales, self.mins), self.scales.shape[0]
-        step = max(1, CHUNK // self.scales.shape[2])
-        parts = [x @ dequantize_tiles(*tensors, t, t + step, x.dtype) for t in range(0, n_tiles, step)]
-        return torch.cat(parts, -1)
+        width = self.scales.shape[2]
+        return product_in_chunks(x, self.out_features, max(1, CHUNK // width) * width, self.dequantized_product(x))
+
+    def dequantized_product(self, x: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+        """Returns ``(start, stop) -> x @ W[:, start:stop]`` on the dequantized tiles of outputs start .. stop - 1."""
+        tensors, width = (self.qweight, self.scales, self.mins), self.scales.shape[2]
+        return lambda start, stop: x @ dequantize_tiles(*tensors, start // width, stop // width, x.dtype)
 
     def extra_repr(self) -> str:
         group = self.in_features // self.scales.shape[1]

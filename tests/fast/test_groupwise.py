@@ -76,6 +76,16 @@ def test_loops_match_the_dequantized_product():
             assert torch.allclose(layer(x) + 1, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_eager_product_in_chunks_equals_one_product(bits):
+    # more outputs than a chunk (1024), and a last chunk shorter than the others
+    torch.manual_seed(bits)
+    layer = QuantLinear(*quantize_groups(torch.randn(1100, 64), bits, 32), max_rows=1)
+    x = torch.randn(2, 3, 64)
+    expected = torch.nn.functional.linear(x, dequantize(layer.qweight, layer.scales, layer.mins))
+    assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_schemes_by_name():
     int4 = parse_scheme("int4-g64")
     assert int4["wq"] == int4["w2"] == "int4-g64" and int4["output"] == int4["embedding"] == "int8-g64"
