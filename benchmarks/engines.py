@@ -121,14 +121,18 @@ class Ours(Engine):
 
 def variant_settings(variant: str) -> tuple[str | None, str]:
     """Returns (quantize, dtype) of one of our variants: fp32, bf16, int8 (per channel, fp32 activations), int8-bf16
-    (bf16 activations), any group-wise --quantize name (int8-g32, int4-g32, ...: fp32 activations), q4_1 (the
-    GGUF's blocks: already quantized; fp32 activations) and q4_1-bf16 (the same blocks in a bf16 model)."""
+    (bf16 activations), any group-wise --quantize name (int8-g32, int4-g32, ...: fp32 activations; int8-g32-bf16:
+    in a bf16 model), q4_1 (the GGUF's blocks: already quantized; fp32 activations) and q4_1-bf16 (the same blocks
+    in a bf16 model)."""
     if variant in TORCH_DTYPES:
         return None, variant
     if variant in ("q4_1", "q4_1-bf16"):
         return None, "bf16" if variant == "q4_1-bf16" else "fp32"
     if variant.startswith("int8-") and variant.split("-")[1] in TORCH_DTYPES:
         return "int8", variant.split("-")[1]
+    scheme, _, dtype = variant.rpartition("-")
+    if scheme and dtype in TORCH_DTYPES:  # int8-g32-bf16: a group-wise scheme in a bf16 model
+        return scheme, dtype
     return variant, "fp32"
 
 
